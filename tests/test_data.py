@@ -139,3 +139,18 @@ def test_sampler_resumes_mid_epoch() -> None:
     resumed.set_epoch(1)
     assert sorted(resumed) == list(range(10)) and list(resumed) != full
     assert torch.equal(torch.tensor(full), torch.tensor(list(ResumableSampler(10, seed=3))))
+
+
+def test_parquet_and_folder_sources(tiny_tokenizer, tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    rows = [{"body": f"Line {i} of a parquet corpus, long enough to make a few blocks."} for i in range(20)]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "corpus.parquet"))
+    dm = TextDataModule(tiny_tokenizer, str(tmp_path / "corpus.parquet"), seq_len=8, text_field="body")
+    dm.setup()
+    assert len(dm.train_set) > 0 and len(dm.val_set) > 0
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"doc{i}.txt").write_text(f"Document {i}. " * 20)
+    assert [d for d, _ in load_documents(str(folder))] == ["doc0.txt", "doc1.txt", "doc2.txt"]

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import run_train, tiny_overrides
+from conftest import ROOT, run_train, tiny_overrides
 from distillprune.checkpoint import AtomicCheckpointIO
-from distillprune.config import available_recipes
+from distillprune.config import RECIPES_DIR, available_recipes
 
 
 def _student_state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -21,7 +22,24 @@ def _student_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("student."): v for k, v in state.items()}
 
 
-@pytest.mark.parametrize("recipe", sorted(available_recipes()))
+DISTILL_RECIPES = sorted(
+    n for n in available_recipes() if OmegaConf.load(RECIPES_DIR / f"{n}.yaml")._target_.endswith("pipeline.distill")
+)
+END_TO_END = {
+    **{name: "tests/test_recipes.py::test_recipe_end_to_end" for name in DISTILL_RECIPES},
+    "seq_distill": "tests/test_seqkd.py::test_seq_distill_end_to_end",
+    "icl_distill": "tests/test_icl.py::test_icl_distill_end_to_end",
+}
+
+
+def test_every_recipe_has_an_end_to_end_test() -> None:
+    assert set(available_recipes()) == set(END_TO_END), "add an end-to-end test for each new recipe"
+    for name, test in END_TO_END.items():
+        path, func = test.split("::")
+        assert f"def {func}(" in (ROOT / path).read_text(), f"{name}: {test} is missing"
+
+
+@pytest.mark.parametrize("recipe", DISTILL_RECIPES)
 def test_recipe_end_to_end(recipe: str, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
     out = tmp_path / recipe
     run_train(f"recipe={recipe}", *tiny_overrides(tiny_model_dir, tiny_text_file, out))
@@ -45,6 +63,30 @@ def test_recipe_end_to_end(recipe: str, tiny_model_dir: Path, tiny_text_file: Pa
     trained.load_state_dict(_student_state(out / "checkpoints" / "last.ckpt"))
     ids = torch.arange(5, 25).unsqueeze(0)  # [1, T]
     torch.testing.assert_close(final(ids).logits, trained(ids).logits, rtol=0, atol=0)
+
+
+def test_chat_data_gradient_checkpointing_and_accumulation(
+    tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    rows = [{"prompt": f"Count to {i}", "response": " ".join(str(j) for j in range(i + 1))} for i in range(40)]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "chat"
+    run_train(
+        "recipe=logit_distill",
+        *tiny_overrides(tiny_model_dir, tiny_text_file, out),
+        "data._target_=distillprune.data.ChatDataModule",
+        f"data.source={chat}",
+        "data.seq_len=64",
+        "student.gradient_checkpointing=true",
+        "trainer.accumulate_grad_batches=2",
+        "loss._target_=distillprune.losses.JSD",
+        "loss.beta=0.5",
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    assert metrics["student"]["val_loss"] < metrics["student_init"]["val_loss"]
+    assert metrics["student"]["tokens"] < 2 * 64 * 2  # only answer tokens are scored
 
 
 def test_resume_continues_step_count_optimizer_and_data(

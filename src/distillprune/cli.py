@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
 from distillprune.config import load_recipe, locate, recipe_listing
 from distillprune.errors import UserError
 
@@ -21,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_recipe(argv)
         locate(cfg._target_)(cfg)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, MisconfigurationException) as err:
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with resume=auto and the same output_dir", file=sys.stderr)
@@ -39,3 +41,4 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen teacher, by design

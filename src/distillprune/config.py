@@ -101,12 +101,21 @@ def set_value(cfg: DictConfig, key: str, value: Any) -> None:
 
 
 def instantiate(node: DictConfig | dict, /, **kwargs: Any) -> Any:
-    """Call the ``_target_`` of ``node`` with its other keys (as plain containers) and ``kwargs``."""
+    """Call the ``_target_`` of ``node`` with its other keys (as plain containers) and ``kwargs`` (which win)."""
     params = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    params = {k: v for k, v in params.items() if k not in kwargs}
     target = params.pop("_target_", None)
     if target is None:
         raise UserError(f"no _target_ in {params}")
-    return locate(target)(**params, **kwargs)
+    func = locate(target)
+    try:
+        inspect.signature(func).bind(**params, **kwargs)
+    except TypeError as err:
+        raise UserError(f"{target}: {err}") from None
+    try:
+        return func(**params, **kwargs)
+    except ValueError as err:  # constructors reject bad settings with ValueError: that is the user's input
+        raise UserError(f"{target}: {err}") from None
 
 
 def locate(dotted: str) -> Any:

@@ -149,41 +149,61 @@ def conversation(row: dict, doc_id: str) -> list[dict[str, str]]:
     )
 
 
-def encode_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> dict[str, list]:
-    """Token ids and labels for one conversation: only assistant turns count, everything else is -100."""
+def encode_chat(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, seq_len: int, last_turn_only: bool = False
+) -> dict[str, list]:
+    """Token ids and labels for one conversation: only assistant turns count (with ``last_turn_only``, only the
+    last one, e.g. after few-shot demonstrations), everything else is -100."""
     input_ids: list[int] = []
     labels: list[int] = []
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prompt = _template(tokenizer, messages[:i], add_generation_prompt=True)
-        full = _template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt = chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        full = chat_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if full[: len(prompt)] != prompt or prompt[: len(input_ids)] != input_ids:
             raise UserError("the chat template does not render conversations as growing prefixes")
-        labels += [IGNORE_INDEX] * (len(prompt) - len(input_ids)) + full[len(prompt) :]
+        answer = full[len(prompt) :] if i == last or not last_turn_only else [IGNORE_INDEX] * (len(full) - len(prompt))
+        labels += [IGNORE_INDEX] * (len(prompt) - len(input_ids)) + answer
         input_ids = full
-    return {"input_ids": input_ids[:seq_len], "labels": labels[:seq_len]}
+    first_target = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    return {"input_ids": input_ids[:seq_len], "labels": labels[:seq_len], "prompt_len": min(first_target, seq_len)}
 
 
-def _template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """The chat template's token ids for ``messages`` (opening the assistant's turn when asked)."""
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
-def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of rows into a batch; rows without ``labels`` train on every token."""
-    width = max(len(r["input_ids"]) for r in rows)
-    batch = {
-        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),  # [B, T]
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),  # [B, T]
-        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),  # [B, T]
-    }
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
-        batch["attention_mask"][i, :n] = 1
-        batch["labels"][i, :n] = torch.tensor(row.get("labels", row["input_ids"]))
+def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into a batch; rows without ``labels`` train on every token. Rows that carry a separate
+    teacher view (``teacher_input_ids``/``teacher_labels``, for in-context distillation) get it padded alike,
+    and ``prompt_len`` / ``teacher_prompt_len`` (tokens before the first target) come along for on-policy
+    sampling."""
+    batch = _pad([r["input_ids"] for r in rows], [r.get("labels", r["input_ids"]) for r in rows], pad_id, "")
+    if "teacher_input_ids" in rows[0]:
+        teacher = [r["teacher_input_ids"] for r in rows]
+        batch |= _pad(teacher, [r["teacher_labels"] for r in rows], pad_id, "teacher_")
+    for key in ("prompt_len", "teacher_prompt_len"):
+        if key in rows[0]:
+            batch[key] = torch.tensor([r[key] for r in rows])  # [B]
     return batch
+
+
+def _pad(ids: list[list[int]], labels: list[list[int]], pad_id: int, prefix: str) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in ids)
+    out = {
+        "input_ids": torch.full((len(ids), width), pad_id, dtype=torch.long),  # [B, T]
+        "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),  # [B, T]
+        "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long),  # [B, T]
+    }
+    for i, (row, lab) in enumerate(zip(ids, labels, strict=True)):
+        out["input_ids"][i, : len(row)] = torch.tensor(row)
+        out["attention_mask"][i, : len(row)] = 1
+        out["labels"][i, : len(lab)] = torch.tensor(lab)
+    return {prefix + k: v for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -219,6 +239,7 @@ class _BlocksDataModule(L.LightningDataModule):
         batch_size: int = 4,
         val_fraction: float = 0.05,
         val_batches: int | None = 16,
+        val_source: str | None = None,
         text_field: str = "text",
         seed: int = 1234,
         num_workers: int = 0,
@@ -226,6 +247,7 @@ class _BlocksDataModule(L.LightningDataModule):
         super().__init__()
         self.tokenizer, self.source, self.seq_len, self.batch_size = tokenizer, source, seq_len, batch_size
         self.val_fraction, self.val_batches, self.text_field = val_fraction, val_batches, text_field
+        self.val_source = val_source
         self.seed, self.num_workers = seed, num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -235,9 +257,11 @@ class _BlocksDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train_docs, val_docs = split_documents(
-            load_documents(self.source, self.text_field), self.val_fraction, self.seed
-        )
+        docs = load_documents(self.source, self.text_field)
+        if self.val_source is None:
+            train_docs, val_docs = split_documents(docs, self.val_fraction, self.seed)
+        else:  # a separate validation source: train on all of ``source``
+            train_docs, val_docs = docs, load_documents(self.val_source, self.text_field)
         self.train_set, self.val_set = self.encode(train_docs), self.encode(val_docs)
         for name, ds in (("train", self.train_set), ("validation", self.val_set)):
             if len(ds) == 0:

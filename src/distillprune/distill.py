@@ -7,6 +7,7 @@ is a target. With no teacher and kd_weight = 0 the same system is plain supervis
 from __future__ import annotations
 
 import math
+import random
 import time
 
 import lightning as L
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from distillprune.data import collate
+from distillprune.generate import generate
 from distillprune.losses import IGNORE_INDEX, Divergence
 
 
@@ -48,6 +51,9 @@ class DistillSystem(L.LightningModule):
         lr, weight_decay, betas: AdamW settings (no decay on norms and biases).
         warmup_steps: linear warmup from 0 to ``lr``.
         min_lr_ratio: cosine floor as a fraction of ``lr``, reached at the trainer's ``max_steps``.
+        lmbda: on-policy share (GKD): with this probability a batch's responses are replaced by the student's
+            own samples (``max_new_tokens`` at ``sample_temperature``) and the loss is the KD term alone on them.
+            The coin depends only on (seed, step), so every rank draws the same. Needs prompt/response data.
     """
 
     def __init__(
@@ -61,22 +67,35 @@ class DistillSystem(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
+        lmbda: float = 0.0,
+        max_new_tokens: int = 64,
+        sample_temperature: float = 1.0,
+        seed: int = 1234,
     ) -> None:
         super().__init__()
         if not 0.0 <= kd_weight <= 1.0:
             raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
-        if kd_weight > 0 and (teacher is None or loss is None):
-            raise ValueError("kd_weight > 0 needs a teacher and a loss")
+        if (kd_weight > 0 or lmbda > 0) and (teacher is None or loss is None):
+            raise ValueError("kd_weight > 0 or lmbda > 0 needs a teacher and a loss")
+        if not 0.0 <= lmbda <= 1.0:
+            raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
         self.student = student
         self.teacher = frozen(teacher) if teacher is not None else None
         self.kd_loss = loss
         self.kd_weight = kd_weight
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.lmbda, self.max_new_tokens, self.sample_temperature, self.seed = (
+            lmbda,
+            max_new_tokens,
+            sample_temperature,
+            seed,
+        )
         self.strict_loading = False  # checkpoints hold the student only; the teacher comes from its source
         self._val_nll: list[Tensor] = []
         self._val_tokens: list[Tensor] = []
         self._t0 = 0.0
+        self.tokens_seen = 0  # non-padding tokens trained on by this process
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -93,7 +112,9 @@ class DistillSystem(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Tensor | dict, batch: dict[str, Tensor], batch_idx: int) -> None:
         # forward, backward and (on an accumulation boundary) the optimizer step of this micro-batch
-        tokens_per_s = batch["attention_mask"].sum().item() / max(time.perf_counter() - self._t0, 1e-9)
+        tokens = int(batch["attention_mask"].sum())
+        self.tokens_seen += tokens
+        tokens_per_s = tokens / max(time.perf_counter() - self._t0, 1e-9)
         self.log("train/tokens_per_s", tokens_per_s, batch_size=batch["input_ids"].shape[0])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -127,22 +148,67 @@ class DistillSystem(L.LightningModule):
     # ------------------------------------------------------------------------------------------ helpers
 
     def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        on_policy = self.lmbda > 0 and random.Random(self.seed * 1_000_003 + self.global_step).random() < self.lmbda
+        if on_policy:
+            batch = self._student_samples(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         student_logits, labels = shifted(self.student(input_ids=ids, attention_mask=mask).logits, batch["labels"])
         ce = F.cross_entropy(
             student_logits.reshape(-1, student_logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
         )  # [B, T-1, V] against [B, T-1]
         parts = {"ce": ce.detach()}
-        if self.kd_weight == 0.0:
+        if self.kd_weight == 0.0 and not on_policy:
             return ce, parts
+        view = "teacher_" if "teacher_input_ids" in batch else ""  # in-context KD: the teacher sees more
         with torch.no_grad():
-            teacher_logits, _ = shifted(self.teacher(input_ids=ids, attention_mask=mask).logits, batch["labels"])
-        kd = self.kd_loss(student_logits, teacher_logits, labels)
+            out = self.teacher(input_ids=batch[view + "input_ids"], attention_mask=batch[view + "attention_mask"])
+            teacher_logits, teacher_labels = shifted(out.logits, batch[view + "labels"])
+        # the same target tokens, in order, at possibly different offsets in the two views: [N, V] each
+        s_sel, t_sel = student_logits[labels != IGNORE_INDEX], teacher_logits[teacher_labels != IGNORE_INDEX]
+        if s_sel.shape[0] != t_sel.shape[0]:
+            raise ValueError(f"student has {s_sel.shape[0]} target positions, teacher {t_sel.shape[0]}")
+        kd = self.kd_loss(s_sel, t_sel)
         parts["kd"] = kd.detach()
+        parts["on_policy"] = torch.tensor(float(on_policy))
+        if on_policy:  # the student's own samples are no ground truth: divergence only (GKD)
+            return kd, parts
         return (1.0 - self.kd_weight) * ce + self.kd_weight * kd, parts
+
+    def _student_samples(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch's prompts with responses sampled from the student, as student (and teacher) views."""
+        if "prompt_len" not in batch:
+            raise ValueError("lmbda > 0 needs prompt/response data (e.g. distillprune.data.ChatDataModule)")
+        config = self.student.generation_config
+        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        pad = config.pad_token_id if config.pad_token_id is not None else eos
+        views = [""] + (["teacher_"] if "teacher_input_ids" in batch else [])
+        prompts = {v: _prompts(batch, v) for v in views}
+        responses = generate(
+            self.student,
+            prompts[""],
+            pad,
+            eos,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=True,
+            temperature=self.sample_temperature,
+        )
+        rows = []
+        for i, response in enumerate(responses):
+            row = {}
+            for v in views:
+                row[v + "input_ids"] = prompts[v][i] + response
+                row[v + "labels"] = [IGNORE_INDEX] * len(prompts[v][i]) + response
+            rows.append(row)
+        new = collate(rows, pad)
+        return {k: t.to(batch["input_ids"].device) for k, t in new.items()}
 
     def _lr_factor(self, step: int, total: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _prompts(batch: dict[str, Tensor], view: str) -> list[list[int]]:
+    ids, lens = batch[view + "input_ids"], batch[view + "prompt_len"]
+    return [row[:n] for row, n in zip(ids.tolist(), lens.tolist(), strict=True)]

@@ -27,3 +27,28 @@ def perplexity(model: PreTrainedModel, loader: DataLoader) -> dict[str, float]:
     model.train(was_training)
     loss = total.item() / max(count, 1)
     return {"val_loss": round(loss, 4), "val_ppl": round(math.exp(min(loss, 50.0)), 2), "tokens": count}
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over whitespace words: the longest common subsequence against both lengths."""
+    a, b = candidate.split(), reference.split()
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_match(candidate: list[int], reference: list[int]) -> float:
+    """Share of the reference's positions where the candidate has the same token (EOS included)."""
+    if not reference:
+        return float(not candidate)
+    return sum(1 for i, t in enumerate(reference) if i < len(candidate) and candidate[i] == t) / len(reference)

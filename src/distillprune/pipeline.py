@@ -16,10 +16,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from transformers import PreTrainedModel
 
 from distillprune.checkpoint import AtomicCheckpointIO, resolve_resume
 from distillprune.config import instantiate
+from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
+from distillprune.losses import Divergence
 from distillprune.models import export, load_model, load_student, load_tokenizer, shared_vocab_size
 
 log = logging.getLogger(__name__)
@@ -29,44 +32,66 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     """Logit distillation (or, with ``system.kd_weight=0``, CE-only training) from a recipe; returns the metrics."""
     start = time.perf_counter()
     out = prepare_output_dir(cfg)
+    resolve_resume(cfg.resume, out / "checkpoints")  # cheap checks first, before any loading
+    loss = kd_loss(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+
     tokenizer = load_tokenizer(cfg.student.name)
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     data.setup("fit")
     student = load_student(**cfg.student)
     metrics: dict[str, Any] = {"params": {"student": _count(student)}}
-
-    kd_weight = float(cfg.system.get("kd_weight", 0.0))
-    teacher, loss = None, None
+    teacher = None
     if cfg.teacher is not None:
         teacher = load_model(**cfg.teacher)
-        vocab = shared_vocab_size(teacher, student, load_tokenizer(cfg.teacher.name), tokenizer)
         metrics["params"]["teacher"] = _count(teacher)
         metrics["teacher"] = perplexity(teacher, data.val_dataloader())
-        loss = instantiate(cfg.loss, vocab_size=vocab) if kd_weight > 0 else None
-        if kd_weight == 0:
+        if loss is None:
             teacher = None  # evaluated for the report only; CE training never needs it in memory
+        else:
+            loss.vocab_size = shared_vocab_size(teacher, student, load_tokenizer(cfg.teacher.name), tokenizer)
     metrics["student_init"] = perplexity(student, data.val_dataloader())
     log.info("before training: %s", metrics)
 
-    system = instantiate(cfg.system, student=student, teacher=teacher, loss=loss)
-    trainer = build_trainer(cfg, out)
-    fit_start = time.perf_counter()
-    trainer.fit(system, datamodule=data, ckpt_path=resolve_resume(cfg.resume, out / "checkpoints"))
-    fit_s = time.perf_counter() - fit_start
-
+    trainer, system, fit_s = train(cfg, student, teacher, loss, data, out)
     metrics["student"] = perplexity(student, data.val_dataloader())
     export(student, tokenizer, out / "final")
-    steps = int(trainer.global_step)
-    tokens = steps * cfg.data.batch_size * cfg.data.seq_len * trainer.accumulate_grad_batches
     metrics.update(
-        steps=steps,
-        tokens_per_s=round(tokens / fit_s, 1) if steps else 0.0,
+        steps=int(trainer.global_step),
+        tokens_per_s=round(system.tokens_seen / fit_s, 1),  # training tokens of this process, validation included
         wall_s=round(time.perf_counter() - start, 1),
         output_dir=str(out),
     )
     write_metrics(metrics, out)
     return metrics
+
+
+def kd_loss(cfg: DictConfig) -> Divergence | None:
+    """The recipe's KD loss when the system uses one (kd_weight > 0 or on-policy lmbda > 0), else None."""
+    uses_teacher = float(cfg.system.get("kd_weight", 0.0)) > 0 or float(cfg.system.get("lmbda", 0.0)) > 0
+    if uses_teacher and cfg.teacher is None:
+        raise UserError("system.kd_weight > 0 needs a teacher; set teacher.name or system.kd_weight=0")
+    return instantiate(cfg.loss) if uses_teacher else None
+
+
+def train(
+    cfg: DictConfig,
+    student: PreTrainedModel,
+    teacher: PreTrainedModel | None,
+    loss: Divergence | None,
+    data: L.LightningDataModule,
+    out: Path,
+    system_overrides: dict[str, Any] | None = None,
+) -> tuple[L.Trainer, L.LightningModule, float]:
+    """Fit ``cfg.system`` around the models on ``data``, checkpointing under ``out``; resumes per ``cfg.resume``."""
+    system = instantiate(
+        cfg.system, student=student, teacher=teacher, loss=loss, seed=cfg.seed, **(system_overrides or {})
+    )
+    trainer = build_trainer(cfg, out)
+    ckpt_path = resolve_resume(cfg.resume, out / "checkpoints")
+    fit_start = time.perf_counter()
+    trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
+    return trainer, system, time.perf_counter() - fit_start
 
 
 def _count(model: Any) -> int:
@@ -110,41 +135,72 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
 
 
 def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
-    """A CSV log always; W&B online when an API key is set, offline otherwise, or disabled."""
+    """A CSV log always; W&B online when an API key is set, offline otherwise (or when online fails), or off."""
     loggers: list[Logger] = [CSVLogger(str(out), name="logs", version="")]
-    wb = cfg.logger.wandb
-    mode = wb.mode
+    mode = cfg.logger.wandb.mode
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    if mode != "disabled":
-        os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
-        loggers.append(
-            WandbLogger(
-                project=wb.project,
-                entity=wb.entity,
-                name=wb.name or out.name,
-                save_dir=str(out),
-                mode=mode,
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
-        )
+    if mode == "disabled":
+        return loggers
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")  # an unreachable server costs a minute, never a hang
+    try:
+        wandb = _wandb_logger(cfg, out, mode)
+        _ = wandb.experiment  # start the run now, so a failure to reach W&B is handled here
+    except Exception as err:  # noqa: BLE001 - wandb raises many kinds; all mean "no online run"
+        if mode != "online":
+            raise
+        log.warning("W&B online start failed (%s); logging offline to %s", str(err).splitlines()[0], out / "wandb")
+        wandb = _wandb_logger(cfg, out, "offline")
+    loggers.append(wandb)
     return loggers
 
 
+def _wandb_logger(cfg: DictConfig, out: Path, mode: str) -> WandbLogger:
+    wb = cfg.logger.wandb
+    return WandbLogger(
+        project=wb.project,
+        entity=wb.entity,
+        name=wb.name or out.name,
+        save_dir=str(out),
+        mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
 def write_metrics(metrics: dict[str, Any], out: Path) -> None:
-    """Write ``metrics.json`` atomically and print the perplexities as a small table."""
+    """Write ``metrics.json`` atomically and print what it holds as small tables."""
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")
-    table = Table(title=f"{out.name}: validation perplexity")
-    for col in ("model", "val loss", "val PPL"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    for name in ("teacher", "student_init", "student"):
-        if name in metrics:
-            table.add_row(name, f"{metrics[name]['val_loss']:.4f}", f"{metrics[name]['val_ppl']:.2f}")
     console = Console()
-    console.print(table)
-    console.print(
-        f"steps {metrics['steps']}, {metrics['tokens_per_s']} tokens/s, wall {metrics['wall_s']} s; "
-        f"student exported to {out / 'final'}"
-    )
+    ppl = {k: v for k, v in metrics.items() if isinstance(v, dict) and "val_ppl" in v}
+    if ppl:
+        console.print(
+            _table(
+                f"{out.name}: validation perplexity",
+                ["val loss", "val PPL"],
+                {k: [f"{v['val_loss']:.4f}", f"{v['val_ppl']:.2f}"] for k, v in ppl.items()},
+            )
+        )
+    if agree := metrics.get("teacher_agreement"):
+        console.print(
+            _table(
+                f"{out.name}: agreement with the teacher (held-out prompts, greedy)",
+                ["ROUGE-L", "token match"],
+                {k: [f"{v['rouge_l']:.4f}", f"{v['token_match']:.4f}"] for k, v in agree.items()},
+            )
+        )
+    if acc := metrics.get("accuracy"):
+        console.print(_table(f"{out.name}: held-out accuracy", ["accuracy"], {k: [f"{v:.4f}"] for k, v in acc.items()}))
+    summary = ", ".join(f"{k} {metrics[k]}" for k in ("steps", "tokens_per_s", "wall_s") if k in metrics)
+    console.print(f"{summary}; written to {out}")
+
+
+def _table(title: str, columns: list[str], rows: dict[str, list[str]]) -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for name, cells in rows.items():
+        table.add_row(name, *cells)
+    return table

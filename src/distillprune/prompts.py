@@ -1,0 +1,88 @@
+"""Prompt sets for sequence-level distillation: a ``.jsonl`` file, or one built from the packaged corpora.
+
+A prompt row is ``{"id", "prompt"}`` with an optional ``"reference"`` answer. The packaged set asks the teacher to
+continue a passage (Shakespeare speeches and KJV verses, cut in half; the real second half is the reference) or to
+say in plain words what a line means (no reference).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from distillprune.assets import package_dir
+from distillprune.data import _jsonl_rows, load_documents
+from distillprune.errors import UserError
+from distillprune.generate import PromptRow
+
+
+def load_prompts(source: str, n: int | None = None, seed: int = 1234) -> list[PromptRow]:
+    """``packaged`` (built from Shakespeare and KJV) or a ``.jsonl`` file with a ``prompt`` field per line."""
+    rows = packaged_prompts(n or 288, seed) if source == "packaged" else _file_prompts(Path(source))
+    if n is not None:
+        rows = rows[:n]
+    if not rows:
+        raise UserError(f"prompt set '{source}' is empty")
+    return rows
+
+
+def packaged_prompts(n: int, seed: int = 1234) -> list[PromptRow]:
+    """``n`` prompts, a third of each kind, drawn deterministically from the packaged corpora."""
+    rng = random.Random(seed)
+    speeches = [s for _, text in load_documents("shakespeare") for s in _speeches(text)]
+    verses = [v for v in _kjv_verses() if 80 <= len(v) <= 300]
+    rows: list[PromptRow] = []
+    for i, passage in enumerate(rng.sample(speeches, n // 3)):
+        head, tail = _halves(passage)
+        rows.append(
+            {"id": f"shk-cont-{i}", "prompt": f"Continue this passage from Shakespeare:\n\n{head}", "reference": tail}
+        )
+    for i, verse in enumerate(rng.sample(verses, n // 3)):
+        head, tail = _halves(verse)
+        rows.append(
+            {
+                "id": f"kjv-cont-{i}",
+                "prompt": f"Continue this verse from the King James Bible:\n\n{head}",
+                "reference": tail,
+            }
+        )
+    for i, line in enumerate(rng.sample(speeches, n - len(rows))):
+        rows.append({"id": f"shk-plain-{i}", "prompt": f"Say in plain words what this line means:\n\n{line}"})
+    rng.shuffle(rows)
+    return rows
+
+
+def _speeches(play: str) -> list[str]:
+    out = []
+    for block in play.split("\n\n"):
+        lines = [ln.strip() for ln in block.strip().splitlines()]
+        if len(lines) < 3 or not re.fullmatch(r"[A-Z][A-Za-z. ]{1,20}\.", lines[0]):  # "Ham." starts a speech
+            continue
+        text = " ".join(lines[1:])
+        if 120 <= len(text) <= 400 and "[" not in text:
+            out.append(text)
+    return out
+
+
+def _kjv_verses() -> list[str]:
+    return [row["text"] for _, row in _jsonl_rows(package_dir("bible") / "data" / "kjv.jsonl")]
+
+
+def _halves(text: str) -> tuple[str, str]:
+    words = text.split()
+    cut = max(1, len(words) // 2)
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def _file_prompts(path: Path) -> list[PromptRow]:
+    if not path.is_file():
+        raise UserError(f"prompt file {path} not found")
+    rows = []
+    for n, row in _jsonl_rows(path):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise UserError(f"{path} line {n}: expected a non-empty 'prompt' string (fields: {', '.join(row)})")
+        if "reference" in row and not isinstance(row["reference"], str):
+            raise UserError(f"{path} line {n}: 'reference' must be a string")
+        rows.append({"id": str(row.get("id", f"line-{n}")), **{k: row[k] for k in ("prompt", "reference") if k in row}})
+    return rows
