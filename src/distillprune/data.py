@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,21 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tup
     ranked = sorted(docs, key=lambda d: hashlib.sha1(f"{seed}:{d[0]}".encode()).hexdigest())
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     return ranked[n_val:], ranked[:n_val]
+
+
+def write_splits(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
+    """Write each non-empty split as ``folder/<name>.jsonl`` (atomically); returns the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows in splits.items():
+        if not rows:
+            continue
+        path = folder / f"{name}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+        paths[name] = path
+    return paths
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:

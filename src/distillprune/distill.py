@@ -26,6 +26,11 @@ def frozen(model: PreTrainedModel) -> PreTrainedModel:
     return model.eval().requires_grad_(False)
 
 
+def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
+    """GKD's coin for one optimizer step: a function of (seed, step) only, so every rank draws the same."""
+    return lmbda > 0 and random.Random(seed * 1_000_003 + step).random() < lmbda
+
+
 def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Align position t's logits with token t+1: ``[B, T, V], [B, T] -> [B, T-1, V], [B, T-1]``."""
     return logits[:, :-1], labels[:, 1:]
@@ -148,7 +153,7 @@ class DistillSystem(L.LightningModule):
     # ------------------------------------------------------------------------------------------ helpers
 
     def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        on_policy = self.lmbda > 0 and random.Random(self.seed * 1_000_003 + self.global_step).random() < self.lmbda
+        on_policy = on_policy_coin(self.seed, self.global_step, self.lmbda)
         if on_policy:
             batch = self._student_samples(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -10,8 +10,6 @@ zero-shot teacher answers in sentences, the few-shot teacher in the demonstrated
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import time
@@ -24,7 +22,15 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.config import instantiate
-from distillprune.data import IGNORE_INDEX, Document, _BlocksDataModule, _jsonl_rows, encode_chat, load_documents
+from distillprune.data import (
+    IGNORE_INDEX,
+    Document,
+    _BlocksDataModule,
+    _jsonl_rows,
+    encode_chat,
+    load_documents,
+    write_splits,
+)
 from distillprune.errors import UserError
 from distillprune.generate import batches, chat_prompt, generate, teacher_responses
 from distillprune.models import export, load_model, load_student, load_tokenizer
@@ -72,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "teacher_few_shot": task_accuracy(teacher, tok, eval_views, "teacher", gen),
         "student_before": task_accuracy(student, tok, eval_views, "student", gen),
     }
-    files = _write(out / "data", {"train": views, "val": [{**v, "answer": v["output"]} for v in eval_views]})
+    files = write_splits(out / "data", {"train": views, "val": [{**v, "answer": v["output"]} for v in eval_views]})
     data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["train"]), val_source=str(files["val"]))
     trainer, _, fit_s = train(cfg, student, teacher if loss is not None else None, loss, data, out)
     accuracy["student_after"] = task_accuracy(student, tok, eval_views, "student", gen)
@@ -144,18 +150,6 @@ def _views(query: Example, demos: list[Example], task: DictConfig, rng: random.R
         "student": [{"role": "user", "content": student_query}],
         "output": query["output"],
     }
-
-
-def _write(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in splits.items():
-        path = folder / f"{name}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
-        paths[name] = path
-    return paths
 
 
 class InContextDataModule(_BlocksDataModule):

@@ -167,40 +167,36 @@ def _wandb_logger(cfg: DictConfig, out: Path, mode: str) -> WandbLogger:
     )
 
 
+# the tables a run prints: (title, column -> field of a row); rows are {model: {field: value}}
+_TABLES = {
+    "perplexity": ("validation perplexity", {"val loss": "val_loss", "val PPL": "val_ppl"}),
+    "teacher_agreement": ("agreement with the teacher (held-out prompts, greedy)",
+                          {"ROUGE-L": "rouge_l", "token match": "token_match"}),
+    "accuracy": ("held-out accuracy", {"accuracy": "accuracy"}),
+}  # fmt: skip
+
+
 def write_metrics(metrics: dict[str, Any], out: Path) -> None:
     """Write ``metrics.json`` atomically and print what it holds as small tables."""
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")
+    sections = {
+        "perplexity": {k: v for k, v in metrics.items() if isinstance(v, dict) and "val_ppl" in v},
+        "teacher_agreement": metrics.get("teacher_agreement", {}),
+        "accuracy": {k: {"accuracy": v} for k, v in metrics.get("accuracy", {}).items()},
+    }
     console = Console()
-    ppl = {k: v for k, v in metrics.items() if isinstance(v, dict) and "val_ppl" in v}
-    if ppl:
-        console.print(
-            _table(
-                f"{out.name}: validation perplexity",
-                ["val loss", "val PPL"],
-                {k: [f"{v['val_loss']:.4f}", f"{v['val_ppl']:.2f}"] for k, v in ppl.items()},
-            )
-        )
-    if agree := metrics.get("teacher_agreement"):
-        console.print(
-            _table(
-                f"{out.name}: agreement with the teacher (held-out prompts, greedy)",
-                ["ROUGE-L", "token match"],
-                {k: [f"{v['rouge_l']:.4f}", f"{v['token_match']:.4f}"] for k, v in agree.items()},
-            )
-        )
-    if acc := metrics.get("accuracy"):
-        console.print(_table(f"{out.name}: held-out accuracy", ["accuracy"], {k: [f"{v:.4f}"] for k, v in acc.items()}))
+    for key, rows in sections.items():
+        if not rows:
+            continue
+        title, columns = _TABLES[key]
+        table = Table(title=f"{out.name}: {title}")
+        table.add_column("model")
+        for col in columns:
+            table.add_column(col, justify="right")
+        for name, row in rows.items():
+            table.add_row(name, *(f"{row[field]:.4f}" for field in columns.values()))
+        console.print(table)
     summary = ", ".join(f"{k} {metrics[k]}" for k in ("steps", "tokens_per_s", "wall_s") if k in metrics)
     console.print(f"{summary}; written to {out}")
-
-
-def _table(title: str, columns: list[str], rows: dict[str, list[str]]) -> Table:
-    table = Table(title=title)
-    table.add_column("model")
-    for col in columns:
-        table.add_column(col, justify="right")
-    for name, cells in rows.items():
-        table.add_row(name, *cells)
-    return table

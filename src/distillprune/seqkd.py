@@ -8,9 +8,7 @@ student trained on the prompt set's reference answers, for comparison).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.config import instantiate
-from distillprune.data import split_documents
+from distillprune.data import split_documents, write_splits
 from distillprune.errors import UserError
 from distillprune.evaluate import rouge_l, token_match
 from distillprune.generate import PromptRow, batches, chat_prompt, generate, teacher_responses
@@ -101,22 +99,12 @@ def agreement(
 def _write_training_files(
     folder: Path, train_prompts: list[PromptRow], eval_prompts: list[PromptRow], responses: dict[str, dict]
 ) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
     files = {
         "train": [{"prompt": p["prompt"], "response": responses[p["id"]]["response"]} for p in train_prompts],
         "val": [{"prompt": p["prompt"], "response": responses[p["id"]]["response"]} for p in eval_prompts],
         "reference": [{"prompt": p["prompt"], "response": p["reference"]} for p in train_prompts if "reference" in p],
     }
-    paths = {}
-    for name, rows in files.items():
-        if not rows:
-            continue
-        path = folder / f"{name}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
-        paths[name] = path
-    return paths
+    return write_splits(folder, files)
 
 
 def _reference_student(
