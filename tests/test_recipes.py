@@ -42,7 +42,10 @@ def test_every_recipe_has_an_end_to_end_test() -> None:
 @pytest.mark.parametrize("recipe", DISTILL_RECIPES)
 def test_recipe_end_to_end(recipe: str, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
     out = tmp_path / recipe
-    run_train(f"recipe={recipe}", *tiny_overrides(tiny_model_dir, tiny_text_file, out))
+    wandb = "offline" if recipe == "sft" else "disabled"  # one recipe also writes a W&B offline run
+    run_train(f"recipe={recipe}", *tiny_overrides(tiny_model_dir, tiny_text_file, out), f"logger.wandb.mode={wandb}")
+    if wandb == "offline":
+        assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
 
     assert (out / "config.yaml").is_file()
     metrics = json.loads((out / "metrics.json").read_text())

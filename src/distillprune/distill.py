@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from distillprune.data import collate
+from distillprune.errors import UserError
 from distillprune.generate import generate
 from distillprune.losses import IGNORE_INDEX, Divergence
 
@@ -90,12 +91,8 @@ class DistillSystem(L.LightningModule):
         self.kd_weight = kd_weight
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
-        self.lmbda, self.max_new_tokens, self.sample_temperature, self.seed = (
-            lmbda,
-            max_new_tokens,
-            sample_temperature,
-            seed,
-        )
+        self.lmbda, self.seed = lmbda, seed
+        self.max_new_tokens, self.sample_temperature = max_new_tokens, sample_temperature
         self.strict_loading = False  # checkpoints hold the student only; the teacher comes from its source
         self._val_nll: list[Tensor] = []
         self._val_tokens: list[Tensor] = []
@@ -174,7 +171,8 @@ class DistillSystem(L.LightningModule):
             raise ValueError(f"student has {s_sel.shape[0]} target positions, teacher {t_sel.shape[0]}")
         kd = self.kd_loss(s_sel, t_sel)
         parts["kd"] = kd.detach()
-        parts["on_policy"] = torch.tensor(float(on_policy))
+        if self.lmbda > 0:
+            parts["on_policy"] = torch.tensor(float(on_policy))
         if on_policy:  # the student's own samples are no ground truth: divergence only (GKD)
             return kd, parts
         return (1.0 - self.kd_weight) * ce + self.kd_weight * kd, parts
@@ -182,7 +180,7 @@ class DistillSystem(L.LightningModule):
     def _student_samples(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch's prompts with responses sampled from the student, as student (and teacher) views."""
         if "prompt_len" not in batch:
-            raise ValueError("lmbda > 0 needs prompt/response data (e.g. distillprune.data.ChatDataModule)")
+            raise UserError("system.lmbda > 0 needs prompt/response data (e.g. distillprune.data.ChatDataModule)")
         config = self.student.generation_config
         eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
         pad = config.pad_token_id if config.pad_token_id is not None else eos
