@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(PY) train.py recipe=logit_distill
+	$(PY) train.py recipe=seq_distill
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -95,8 +96,10 @@ def tiny_text_file(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -
     return path
 
 
-def run_train(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
-    """``python train.py ARGS`` in a subprocess, as a user runs it."""
+def run_train(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a subprocess, as a user runs it (from a scratch folder, so that relative
+    defaults such as runs/ never land in the checkout)."""
+    cwd = cwd or Path(tempfile.mkdtemp(prefix="distillprune-cwd-"))
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
     done = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600

@@ -135,3 +135,14 @@ def test_checkpoint_write_killed_midway_keeps_the_previous_one(tmp_path: Path, m
     monkeypatch.undo()
     loaded = io.load_checkpoint(path)
     assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(3))
+
+
+def test_on_policy_on_plain_text_is_a_one_line_error(
+    tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    args = tiny_overrides(tiny_model_dir, tiny_text_file, tmp_path / "x")
+    done = run_train("recipe=logit_distill", *args, "system.lmbda=0.5", check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: system.lmbda > 0 needs prompt/response data (e.g. distillprune.data.ChatDataModule)"
+    )
