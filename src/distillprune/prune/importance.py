@@ -1,0 +1,165 @@
+"""Importance of heads, KV groups and MLP channels from calibration data (LLM-Pruner, Minitron).
+
+Element scores per weight: ``random``, ``l1`` |w|, ``l2`` w², ``taylor`` |w·g| (g: gradient of the summed
+calibration loss; first order, element-wise), ``taylor_vector`` |Σ w·g| over each part of a group,
+``taylor2`` ½·w²·F with F the Fisher diagonal (mean of per-sample g²). ``activation`` is forward-only: the L2
+norm of each head's output and each channel's activation over the calibration tokens (Minitron). Parts of a group
+(q rows and o columns of a head; k and v rows of a KV head; gate, up rows and down column of a channel) are
+combined with ``aggregation``: sum, mean, max or prod. Gradients exist only for the projections of the layers
+being pruned, accumulate in place across batches, and are reduced to group scores right away.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from distillprune.errors import UserError
+from distillprune.prune.groups import adapter_for, decoder_layers, head_dim
+
+METHODS = ("random", "l1", "l2", "taylor", "taylor_vector", "taylor2", "activation")
+AGGREGATIONS = {"sum": torch.sum, "mean": torch.mean, "max": lambda t, dim: t.max(dim=dim).values, "prod": torch.prod}
+
+
+@dataclass
+class LayerScores:
+    heads: Tensor  # [n_q] one score per query head
+    kv_heads: Tensor  # [n_kv] one score per KV group (its k, v rows and its query heads)
+    channels: Tensor  # [intermediate]
+
+
+def score(
+    model: PreTrainedModel,
+    batches: Iterable[dict[str, Tensor]],
+    method: str,
+    layers: list[int],
+    aggregation: str = "sum",
+    seed: int = 0,
+) -> tuple[dict[int, LayerScores], float]:
+    """Scores for ``layers`` and the peak resident memory (MB) of this process so far."""
+    if method not in METHODS:
+        raise UserError(f"prune.importance '{method}' is unknown; choose {', '.join(METHODS)}")
+    if aggregation not in AGGREGATIONS:
+        raise UserError(f"prune.aggregation '{aggregation}' is unknown; choose {', '.join(AGGREGATIONS)}")
+    adapter = adapter_for(model)
+    blocks = decoder_layers(model, adapter)
+    params = {i: _projections(blocks[i], adapter) for i in layers}
+    fisher: dict[int, list[Tensor]] = {}
+    activations: dict[int, list[Tensor]] = {}
+    if method == "activation":
+        activations = _activation_norms(model, blocks, adapter, batches, layers)
+    elif method.startswith("taylor"):
+        fisher = _gradients(model, params, batches, squared=method == "taylor2")
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in layers:
+        out[i] = _group_scores(model, params[i], method, aggregation, fisher.get(i), activations.get(i), gen)
+    model.zero_grad(set_to_none=True)
+    return out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _projections(layer: torch.nn.Module, adapter) -> list[torch.nn.Linear]:
+    attn, mlp = layer.get_submodule(adapter.attn), layer.get_submodule(adapter.mlp)
+    return [attn.get_submodule(n) for n in (adapter.q, adapter.k, adapter.v, adapter.o)] + [
+        mlp.get_submodule(n) for n in (adapter.gate, adapter.up, adapter.down)
+    ]
+
+
+def _gradients(model, params, batches, squared: bool) -> dict[int, list[Tensor]]:
+    was = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    for linears in params.values():
+        for lin in linears:
+            lin.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    fisher = {i: [torch.zeros_like(lin.weight) for lin in linears] for i, linears in params.items()} if squared else {}
+    n = 0
+    for batch in batches:
+        for row in range(batch["input_ids"].shape[0]):  # one sample at a time: F needs per-sample gradients
+            ids = batch["input_ids"][row : row + 1]
+            before = {i: [lin.weight.grad.clone() if lin.weight.grad is not None else None for lin in linears]
+                      for i, linears in params.items()} if squared else {}  # fmt: skip
+            model(input_ids=ids, labels=ids).loss.backward()
+            n += 1
+            for i, linears in params.items() if squared else ():
+                for j, lin in enumerate(linears):
+                    prev = before[i][j]
+                    g = lin.weight.grad if prev is None else lin.weight.grad - prev
+                    fisher[i][j] += g.float() ** 2
+    for p, flag in zip(model.parameters(), was, strict=True):
+        p.requires_grad_(flag)
+    if n == 0:
+        raise UserError("no calibration samples: prune.calibration.samples must be > 0")
+    return {i: [f / n for f in fs] for i, fs in fisher.items()} if squared else {i: [] for i in params}
+
+
+@torch.no_grad()
+def _activation_norms(model, blocks, adapter, batches, layers) -> dict[int, list[Tensor]]:
+    sums: dict[int, list[Tensor]] = {}
+    hooks = []
+    for i in layers:
+        attn, mlp = blocks[i].get_submodule(adapter.attn), blocks[i].get_submodule(adapter.mlp)
+
+        def keep(idx: int, slot: int):
+            def hook(module, args):
+                x = args[0].float()  # [B, T, features]
+                total = (x * x).sum(dim=(0, 1))
+                sums.setdefault(idx, [torch.zeros_like(total), None])
+                sums[idx][slot] = total if sums[idx][slot] is None else sums[idx][slot] + total
+
+            return hook
+
+        hooks.append(attn.get_submodule(adapter.o).register_forward_pre_hook(keep(i, 0)))
+        hooks.append(mlp.get_submodule(adapter.down).register_forward_pre_hook(keep(i, 1)))
+    try:
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+def _group_scores(model, linears, method, aggregation, extra, activations, gen) -> LayerScores:
+    hd = head_dim(model)
+    q, k, v, o, gate, up, down = linears
+    n_q, n_kv = q.out_features // hd, k.out_features // hd
+    agg = AGGREGATIONS[aggregation]
+    if method == "activation":
+        head_out, channel_act = activations
+        heads = head_out.view(n_q, hd).sum(dim=1).sqrt()
+        group = n_q // n_kv
+        return LayerScores(heads, heads.view(n_kv, group).sum(dim=1), channel_act.sqrt())
+
+    def element(j: int, lin: torch.nn.Linear) -> Tensor:
+        w = lin.weight.detach().float()
+        if method == "random":
+            return torch.rand(w.shape, generator=gen)
+        if method == "l1":
+            return w.abs()
+        if method == "l2":
+            return w * w
+        g = lin.weight.grad.float()
+        if method == "taylor":
+            return (w * g).abs()
+        if method == "taylor_vector":
+            return w * g  # summed per part below, then |.|
+        return 0.5 * w * w * extra[j]  # taylor2
+
+    e = [element(j, lin) for j, lin in enumerate(linears)]
+    finish = (lambda t: t.abs()) if method == "taylor_vector" else (lambda t: t)
+    rows = lambda t, n: finish(t.reshape(n, -1).sum(dim=1))  # noqa: E731 - [n] per block of output rows
+    cols = lambda t, n: finish(t.reshape(t.shape[0], n, -1).sum(dim=(0, 2)))  # noqa: E731 - per input columns
+    head_parts = torch.stack([rows(e[0], n_q), cols(e[3], n_q)])  # [2, n_q]
+    heads = agg(head_parts, dim=0)
+    group = n_q // n_kv
+    kv_parts = torch.stack([rows(e[1], n_kv), rows(e[2], n_kv), agg(head_parts, dim=0).view(n_kv, group).sum(dim=1)])
+    channel_parts = torch.stack(
+        [rows(e[4], gate.out_features), rows(e[5], up.out_features), cols(e[6], down.in_features)]
+    )
+    return LayerScores(heads, agg(kv_parts, dim=0), agg(channel_parts, dim=0))

@@ -1,0 +1,183 @@
+"""Selection and surgery: how many heads and channels go, which ones, and physically smaller layers.
+
+``plan`` turns a parameter ratio into per-layer widths (checked before any scoring), ``select`` picks the
+structures to keep from importance scores, ``apply`` slices the projections and updates the config: equal widths
+in every layer give a stock config; different widths give the registered per-layer type (``modeling.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from distillprune.errors import UserError
+from distillprune.prune.groups import Widths, adapter_for, base_type, decoder_layers, head_dim, layer_widths
+from distillprune.prune.importance import LayerScores
+from distillprune.prune.modeling import PRUNED_CLASSES
+
+GQA_MODES = ("kv_groups", "q_per_group")
+
+
+@dataclass
+class Plan:
+    """Target widths of the pruned layers; ``channels`` per layer (uniform or not)."""
+
+    layers: list[int]
+    kv_heads: int  # per pruned layer
+    heads: int  # per pruned layer
+    channels: dict[int, int] = field(default_factory=dict)
+    removed_params: int = 0
+
+
+def plan(model: PreTrainedModel, ratio: float, layers: list[int], gqa: str, round_to: int = 1) -> Plan:
+    """Head and channel counts that remove about ``ratio`` of all parameters from ``layers``; a one-line error
+    when that cannot be done (GQA divisibility, too few heads or channels)."""
+    if gqa not in GQA_MODES:
+        raise UserError(f"prune.gqa '{gqa}' is unknown; choose {', '.join(GQA_MODES)}")
+    if not 0.0 <= ratio < 1.0:
+        raise UserError(f"prune.ratio must be in [0, 1), got {ratio}")
+    widths, hd, hidden = layer_widths(model), head_dim(model), model.config.hidden_size
+    n_layers = len(widths)
+    if not layers or any(not 0 <= i < n_layers for i in layers):
+        raise UserError(f"prune.layers must be indices in [0, {n_layers - 1}], got {layers}")
+    first = widths[layers[0]]
+    if any(widths[i] != first for i in layers):
+        raise UserError("the layers to prune already have different widths; prune them in separate passes")
+    total = sum(p.numel() for p in model.parameters())
+    target = ratio * total
+    per_head, per_kv, per_channel = 2 * hd * hidden, 2 * hd * hidden, 3 * hidden  # q rows + o cols; k + v rows
+    prunable = len(layers) * (first.heads * per_head + first.kv_heads * per_kv + first.intermediate * per_channel)
+    fraction = target / prunable
+    group = first.heads // first.kv_heads
+    if gqa == "kv_groups":
+        kv = max(1, first.kv_heads - round(fraction * first.kv_heads))
+        heads = kv * group
+    else:
+        kv = first.kv_heads
+        heads = max(1, group - round(fraction * group)) * kv
+    removed = len(layers) * ((first.heads - heads) * per_head + (first.kv_heads - kv) * per_kv)
+    channels_out = max(0.0, target - removed) / (len(layers) * per_channel)
+    keep = first.intermediate - channels_out
+    keep = round_to * math.floor(keep / round_to + 0.5) if round_to > 1 else round(keep)
+    if keep < max(1, round_to):
+        raise UserError(
+            f"prune.ratio={ratio} cannot be met on layers {layers[0]}..{layers[-1]}: it would leave {keep} of "
+            f"{first.intermediate} MLP channels; prune more layers or a smaller ratio"
+        )
+    keep = min(keep, first.intermediate)
+    removed += len(layers) * (first.intermediate - keep) * per_channel
+    return Plan(layers, kv, heads, {i: keep for i in layers}, removed)
+
+
+def select(
+    scores: dict[int, LayerScores], the_plan: Plan, widths: list[Widths], gqa: str, uniform: bool, round_to: int = 1
+) -> dict[int, dict[str, list[int]]]:
+    """Indices to keep per pruned layer: ``heads``, ``kv_heads``, ``channels`` (sorted). With ``uniform=False``
+    channels are ranked across layers (each layer's scores divided by their mean), so widths differ per layer."""
+    counts = dict(the_plan.channels)
+    if not uniform:
+        counts = _global_channel_counts(scores, the_plan, widths, round_to)
+    out = {}
+    for i in the_plan.layers:
+        w, s = widths[i], scores[i]
+        group = w.heads // w.kv_heads
+        if gqa == "kv_groups":
+            kv = _top(s.kv_heads, the_plan.kv_heads)
+            heads = [g * group + j for g in kv for j in range(group)]
+        else:
+            kv = list(range(w.kv_heads))
+            per_group = the_plan.heads // w.kv_heads
+            heads = [g * group + j for g in kv for j in sorted(_top(s.heads[g * group : (g + 1) * group], per_group))]
+        out[i] = {"heads": heads, "kv_heads": kv, "channels": _top(s.channels, counts[i])}
+    return out
+
+
+def apply(model: PreTrainedModel, keep: dict[int, dict[str, list[int]]]) -> PreTrainedModel:
+    """Slice the kept structures into smaller Linear layers and rewrite the config (stock or per-layer)."""
+    adapter, hd = adapter_for(model), head_dim(model)
+    blocks = decoder_layers(model, adapter)
+    for i, k in keep.items():
+        attn, mlp = blocks[i].get_submodule(adapter.attn), blocks[i].get_submodule(adapter.mlp)
+        q_rows = _head_rows(k["heads"], hd)
+        kv_rows = _head_rows(k["kv_heads"], hd)
+        setattr(attn, adapter.q, _rows(attn.get_submodule(adapter.q), q_rows))
+        setattr(attn, adapter.k, _rows(attn.get_submodule(adapter.k), kv_rows))
+        setattr(attn, adapter.v, _rows(attn.get_submodule(adapter.v), kv_rows))
+        setattr(attn, adapter.o, _cols(attn.get_submodule(adapter.o), q_rows))
+        attn.num_key_value_groups = len(k["heads"]) // len(k["kv_heads"])
+        channels = torch.tensor(k["channels"])
+        setattr(mlp, adapter.gate, _rows(mlp.get_submodule(adapter.gate), channels))
+        setattr(mlp, adapter.up, _rows(mlp.get_submodule(adapter.up), channels))
+        setattr(mlp, adapter.down, _cols(mlp.get_submodule(adapter.down), channels))
+        mlp.intermediate_size = len(k["channels"])
+    _rewrite_config(model, hd)
+    return model
+
+
+def _rewrite_config(model: PreTrainedModel, hd: int) -> None:
+    widths = layer_widths(model)
+    cfg = model.config
+    cfg.head_dim = hd  # never recomputed from hidden_size / heads: RoPE and the projections keep head_dim
+    if all(w == widths[0] for w in widths):
+        cfg.num_attention_heads, cfg.num_key_value_heads = widths[0].heads, widths[0].kv_heads
+        cfg.intermediate_size = widths[0].intermediate
+        return
+    family = base_type(model)
+    config_cls, model_cls = PRUNED_CLASSES[family]
+    data = cfg.to_dict()
+    data.update(model_type=config_cls.model_type, base_model_type=family, layer_widths=[w.as_dict() for w in widths])
+    data["architectures"] = [model_cls.__name__]
+    new = config_cls(**{k: v for k, v in data.items() if k != "model_type"})
+    new._attn_implementation = cfg._attn_implementation
+    model.config = new
+    for module in model.modules():
+        if hasattr(module, "config") and module is not model:
+            module.config = new
+    model.__class__ = model_cls
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(torch.topk(scores.float(), k).indices.tolist())
+
+
+def _head_rows(heads: list[int], hd: int) -> torch.Tensor:
+    return torch.tensor([h * hd + j for h in heads for j in range(hd)], dtype=torch.long)
+
+
+def _rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(
+        lin.in_features, len(idx), bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype
+    )
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[idx])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[idx])
+    return new
+
+
+def _cols(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(
+        len(idx), lin.out_features, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype
+    )
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[:, idx])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+    return new
+
+
+def _global_channel_counts(scores, the_plan: Plan, widths: list[Widths], round_to: int) -> dict[int, int]:
+    total_keep = sum(the_plan.channels.values())
+    normed = torch.cat([scores[i].channels / scores[i].channels.mean().clamp(min=1e-12) for i in the_plan.layers])
+    owner = torch.cat([torch.full((len(scores[i].channels),), i) for i in the_plan.layers])
+    kept = owner[torch.topk(normed, total_keep).indices]
+    counts = {}
+    for i in the_plan.layers:
+        n = int((kept == i).sum())
+        n = max(round_to, round_to * round(n / round_to)) if round_to > 1 else max(1, n)
+        counts[i] = min(n, widths[i].intermediate)
+    return counts

@@ -1,0 +1,168 @@
+"""Structured pruning against a dense reference: identity at ratio 0, equality with zeroed structures, GQA modes,
+and save -> fresh-process from_pretrained for stock (uniform) and registered (per-layer) configs."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+from conftest import make_tiny_model
+from distillprune.errors import UserError
+from distillprune.prune import apply, layer_widths, plan, score, select
+from distillprune.prune.groups import head_dim
+
+IDS = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _prune(model, method="taylor", layers=(1, 2), ratio=0.15, gqa="q_per_group", uniform=True, round_to=1):
+    scores, peak = score(model, [{"input_ids": IDS}], method, list(layers), "sum")
+    keep = select(scores, plan(model, ratio, list(layers), gqa, round_to), layer_widths(model), gqa, uniform, round_to)
+    return apply(model, keep), keep, peak
+
+
+def _zeroed(model, keep):
+    """The dense model with every removed head's o_proj columns and removed channel's down_proj column zeroed."""
+    ref, hd = copy.deepcopy(model), head_dim(model)
+    for i, k in keep.items():
+        layer, w = ref.model.layers[i], layer_widths(ref)[i]
+        for h in set(range(w.heads)) - set(k["heads"]):
+            layer.self_attn.o_proj.weight.data[:, h * hd : (h + 1) * hd] = 0
+        layer.mlp.down_proj.weight.data[:, sorted(set(range(w.intermediate)) - set(k["channels"]))] = 0
+    return ref
+
+
+@pytest.fixture()
+def model(tiny_model_dir: Path):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def test_ratio_zero_is_the_identity(model) -> None:
+    with torch.no_grad():
+        before = model(IDS).logits
+    pruned, _, _ = _prune(model, layers=range(4), ratio=0.0)
+    assert type(pruned).__name__ == "LlamaForCausalLM"  # widths unchanged: still the stock class
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(IDS).logits, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["random", "l1", "l2", "taylor", "taylor_vector", "taylor2", "activation"])
+@pytest.mark.parametrize("gqa", ["q_per_group", "kv_groups"])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_pruned_equals_dense_with_removed_structures_zeroed(model, method: str, gqa: str, uniform: bool) -> None:
+    dense = copy.deepcopy(model)
+    pruned, keep, _ = _prune(model, method=method, gqa=gqa, uniform=uniform)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(IDS).logits, _zeroed(dense, keep)(IDS).logits, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dense.parameters())
+
+
+def test_gqa_modes_keep_groups_consistent(model) -> None:
+    per_group, keep, _ = _prune(copy.deepcopy(model), gqa="q_per_group", ratio=0.15)
+    for i, k in keep.items():  # 4 heads, 2 KV groups of 2: one head leaves each group, both KV heads stay
+        assert k["kv_heads"] == [0, 1] and len(k["heads"]) == 2
+        assert sorted(h // 2 for h in k["heads"]) == [0, 1]
+        assert per_group.model.layers[i].self_attn.num_key_value_groups == 1
+    groups, keep, _ = _prune(copy.deepcopy(model), gqa="kv_groups", ratio=0.15)
+    for i, k in keep.items():  # a whole KV group leaves with both its query heads
+        g = k["kv_heads"][0]
+        assert len(k["kv_heads"]) == 1 and k["heads"] == [2 * g, 2 * g + 1]
+        assert groups.model.layers[i].self_attn.num_key_value_groups == 2
+    for m in (per_group, groups):  # the KV cache still lines up
+        assert m.generate(IDS[:1, :5], max_new_tokens=4, do_sample=False).shape == (1, 9)
+
+
+def test_head_dim_is_never_changed(model) -> None:
+    hd = head_dim(model)
+    pruned, _, _ = _prune(model, layers=range(4), ratio=0.35)
+    assert pruned.config.head_dim == hd and pruned.config.num_attention_heads == 2  # 4 -> 2 heads, same head_dim
+
+
+def test_round_to_and_infeasible_ratio(model) -> None:
+    pruned, keep, _ = _prune(model, ratio=0.1, round_to=8)
+    assert all(len(k["channels"]) % 8 == 0 for k in keep.values())
+    with pytest.raises(UserError, match="cannot be met"):
+        plan(model, 0.9, [1], "q_per_group")
+    with pytest.raises(UserError, match="prune.gqa"):
+        plan(model, 0.1, [1], "half")
+
+
+def _fresh_process_logits(folder: Path, import_distillprune: bool) -> torch.Tensor:
+    out = folder / "logits.pt"
+    code = (
+        ("import distillprune\n" if import_distillprune else "")
+        + "import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
+        "assert 'distillprune' in sys.modules or not " + str(import_distillprune) + "\n"
+        f"ids = torch.load({str(folder / 'ids.pt')!r})\n"
+        f"torch.save(m(ids).logits.detach(), {str(out)!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("uniform_all", [True, False])
+def test_save_and_load_in_a_fresh_process(model, tmp_path: Path, uniform_all: bool) -> None:
+    layers = range(4) if uniform_all else (1, 2)
+    pruned, _, _ = _prune(model, layers=layers, uniform=uniform_all)
+    folder = tmp_path / "pruned"
+    pruned.save_pretrained(folder)
+    torch.save(IDS, folder / "ids.pt")
+    text = (folder / "config.json").read_text()
+    assert ('"model_type": "llama"' in text) == uniform_all
+    assert not list(folder.glob("*.bin"))
+    with torch.no_grad():
+        expected = pruned(IDS).logits
+    # a uniform prune is a stock Llama: no distillprune import needed; per-layer needs the registered types
+    got = _fresh_process_logits(folder, import_distillprune=not uniform_all)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen2_biases_and_mistral_without_gqa(tiny_tokenizer, tmp_path: Path, tied: bool) -> None:
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        initializer_range=0.2,
+    )
+    qwen = Qwen2ForCausalLM(cfg).eval()
+    assert qwen.model.layers[0].self_attn.q_proj.bias is not None
+    dense = copy.deepcopy(qwen)
+    pruned, keep, _ = _prune(qwen, layers=(0, 1, 2), gqa="kv_groups", ratio=0.2)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(IDS).logits, _zeroed(dense, keep)(IDS).logits, rtol=1e-5, atol=1e-5)
+    pruned.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, pruned(IDS).logits, rtol=0, atol=0)
+
+    mistral_dir = make_tiny_model(tmp_path / "m", tiny_tokenizer, num_key_value_heads=4, tie_word_embeddings=tied)
+    mistral = AutoModelForCausalLM.from_pretrained(mistral_dir).eval()  # a Llama without GQA (4/4 heads)
+    dense = copy.deepcopy(mistral)
+    pruned, keep, _ = _prune(mistral, gqa="kv_groups", ratio=0.1)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(IDS).logits, _zeroed(dense, keep)(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_architecture_names_the_supported_ones() -> None:
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UserError, match="pruning supports llama, mistral, qwen2; 'gpt2' has no adapter"):
+        plan(gpt2, 0.1, [0], "q_per_group")
+
+
+def test_gradient_scores_report_peak_memory(model) -> None:
+    _, _, peak = _prune(model, method="taylor")
+    assert peak > 0
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind
