@@ -1,0 +1,151 @@
+"""The pruning recipes: calibrate -> prune -> evaluate -> recover (LoRA or KD from the dense model) -> export.
+
+``prune_lora`` trains LoRA adapters (peft) on the pruned model, merges them and exports a plain HF folder.
+``prune_distill`` fine-tunes the pruned model with logit KD, the unpruned model as its teacher. Both write
+``metrics.json`` with parameter counts, validation perplexity (dense / pruned / recovered), generation tokens/s
+(dense / pruned), per-layer widths, the pruning time and the peak memory of scoring.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, ListConfig
+from transformers import PreTrainedModel
+
+from distillprune.config import instantiate
+from distillprune.data import TextDataModule
+from distillprune.errors import UserError
+from distillprune.evaluate import perplexity
+from distillprune.models import export, load_model, load_tokenizer, shared_vocab_size
+from distillprune.pipeline import kd_loss, prepare_output_dir, train, write_metrics
+from distillprune.prune.groups import adapter_for, layer_widths
+from distillprune.prune.importance import score
+from distillprune.prune.surgery import apply, plan, select
+
+
+def prune_lora(cfg: DictConfig) -> dict[str, Any]:
+    """Prune, then recover with LoRA adapters that are merged into the exported model."""
+    return _run(cfg, recover=_lora)
+
+
+def prune_distill(cfg: DictConfig) -> dict[str, Any]:
+    """Prune, then recover with logit KD from the unpruned model."""
+    return _run(cfg, recover=_distill)
+
+
+def _run(cfg: DictConfig, recover) -> dict[str, Any]:
+    start = time.perf_counter()
+    out = prepare_output_dir(cfg)
+    loss = kd_loss(cfg) if cfg.get("teacher", "dense") is not None else None
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = load_model(**cfg.model).eval()
+    adapter_for(model)  # unsupported architectures fail here, before any work
+    layers = _layers(cfg.prune.layers, model.config.num_hidden_layers)
+    the_plan = plan(model, cfg.prune.ratio, layers, cfg.prune.gqa, cfg.prune.round_to)
+    tok = load_tokenizer(cfg.model.name)
+    data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)
+    data.setup("fit")
+    calibration = _calibration(cfg, tok)
+    dense = copy.deepcopy(model) if recover is _distill else None
+    metrics: dict[str, Any] = {"params": {"dense": _count(model)}, "val_ppl": {}, "tokens_per_s": {}}
+    metrics["val_ppl"]["dense"] = perplexity(model, data.val_dataloader())["val_ppl"]
+    metrics["tokens_per_s"]["dense"] = generation_speed(model, tok)
+
+    t0 = time.perf_counter()
+    scores, peak_mb = score(model, calibration, cfg.prune.importance, layers, cfg.prune.aggregation, cfg.seed)
+    keep = select(scores, the_plan, layer_widths(model), cfg.prune.gqa, cfg.prune.uniform, cfg.prune.round_to)
+    apply(model, keep)
+    metrics["prune_s"] = round(time.perf_counter() - t0, 1)
+    metrics["peak_mem_mb"] = round(peak_mb, 1)
+    metrics["params"]["pruned"] = _count(model)
+    metrics["params"]["removed_fraction"] = round(1 - metrics["params"]["pruned"] / metrics["params"]["dense"], 4)
+    metrics["widths"] = [w.as_dict() for w in layer_widths(model)]
+    metrics["val_ppl"]["pruned"] = perplexity(model, data.val_dataloader())["val_ppl"]
+    metrics["tokens_per_s"]["pruned"] = generation_speed(model, tok)
+    export(model, tok, out / "pruned")
+
+    model = recover(cfg, model, dense, loss, data, out)
+    metrics["val_ppl"]["recovered"] = perplexity(model, data.val_dataloader())["val_ppl"]
+    export(model, tok, out / "final")
+    metrics["wall_s"] = round(time.perf_counter() - start, 1)
+    metrics["output_dir"] = str(out)
+    write_metrics(metrics, out)
+    return metrics
+
+
+def _lora(cfg, model, dense, loss, data, out) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    if cfg.trainer.max_steps > 0:
+        train(cfg, peft_model, None, None, data, out, system_overrides={"kd_weight": 0.0, "lmbda": 0.0})
+    return peft_model.merge_and_unload()
+
+
+def _distill(cfg, model, dense, loss, data, out) -> PreTrainedModel:
+    loss.vocab_size = shared_vocab_size(dense, model, data.tokenizer, data.tokenizer)
+    if cfg.trainer.max_steps > 0:
+        train(cfg, model, dense, loss, data, out)
+    return model
+
+
+def _layers(spec: Any, n: int) -> list[int]:
+    if spec == "all":
+        return list(range(n))
+    if isinstance(spec, str) and ":" in spec:  # "3:27" as in Python slices
+        a, b = spec.split(":")
+        return list(range(n))[int(a or 0) : int(b) if b else n]
+    if isinstance(spec, (list, ListConfig)):
+        return sorted({int(i) for i in spec})
+    raise UserError(f"prune.layers '{spec}': use all, a slice like 3:27, or a list of layer indices")
+
+
+def _calibration(cfg: DictConfig, tok) -> list[dict[str, torch.Tensor]]:
+    c = cfg.prune.calibration
+    dm = TextDataModule(tok, c.source, seq_len=c.seq_len, batch_size=1, val_batches=None, seed=cfg.seed)
+    dm.setup()
+    n = min(c.samples, len(dm.train_set))
+    ids = torch.tensor(dm.train_set.shuffle(seed=cfg.seed).select(range(n))["input_ids"])  # [n, seq_len]
+    return [{"input_ids": ids[i : i + c.batch_size]} for i in range(0, n, c.batch_size)]
+
+
+@torch.no_grad()
+def generation_speed(model: PreTrainedModel, tok, new_tokens: int = 32, repeats: int = 3) -> float:
+    """Greedy decode tokens/s at batch 1 with the KV cache (median of ``repeats``)."""
+    ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        times.append(time.perf_counter() - t0)
+    return round(new_tokens / statistics.median(times), 1)
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["generation_speed", "prune_distill", "prune_lora"]
