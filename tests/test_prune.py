@@ -4,6 +4,7 @@ and save -> fresh-process from_pretrained for stock (uniform) and registered (pe
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, run_train
 from distillprune.errors import UserError
 from distillprune.prune import apply, layer_widths, plan, score, select
 from distillprune.prune.groups import head_dim
@@ -166,3 +167,41 @@ def test_gradient_scores_report_peak_memory(model) -> None:
     _, _, peak = _prune(model, method="taylor")
     assert peak > 0
     assert all(p.grad is None for p in model.parameters())  # nothing left behind
+
+
+def prune_overrides(model_dir: Path, data_file: Path, out: Path) -> list[str]:
+    return [
+        f"model.name={model_dir}", "prune.layers=1:3", f"prune.calibration.source={data_file}",
+        "prune.calibration.seq_len=32", "prune.calibration.samples=4", f"data.source={data_file}", "data.seq_len=32",
+        "data.batch_size=2", "data.val_batches=2", "data.val_fraction=0.2", "trainer.max_steps=4",
+        "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "trainer.precision=32-true",
+        "trainer.accelerator=cpu", "checkpoint.every_n_steps=2", "logger.wandb.mode=disabled", f"output_dir={out}",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", ["prune_lora", "prune_distill"])
+def test_prune_recipe_end_to_end(recipe: str, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / recipe
+    run_train(f"recipe={recipe}", *prune_overrides(tiny_model_dir, tiny_text_file, out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert abs(metrics["params"]["removed_fraction"] - 0.2) < 0.01  # prune.ratio=0.2 of all parameters
+    assert set(metrics["val_ppl"]) == {"dense", "pruned", "recovered"}
+    assert set(metrics["tokens_per_s"]) == {"dense", "pruned"} and metrics["peak_mem_mb"] > 0
+    assert [w["heads"] for w in metrics["widths"]] == [4, 2, 2, 4]  # layers 1 and 2 pruned, 0 and 3 kept
+    final = AutoModelForCausalLM.from_pretrained(out / "final").eval()  # registered per-layer type
+    assert type(final).__name__ == "DistillpruneLlamaForCausalLM"
+    assert not any("lora" in name for name, _ in final.named_parameters())  # adapters merged away
+    assert sum(p.numel() for p in final.parameters()) == metrics["params"]["pruned"]
+    with torch.no_grad():
+        assert torch.isfinite(final(IDS).logits).all()
+
+
+def test_prune_bad_input_is_one_line(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    base = prune_overrides(tiny_model_dir, tiny_text_file, tmp_path / "x")
+    for extra, message in [
+        ("prune.ratio=0.95", "cannot be met"),
+        ("prune.importance=magic", "prune.importance 'magic' is unknown"),
+        ("prune.layers=0,9", "prune.layers must be indices in [0, 3]"),
+    ]:
+        done = run_train("recipe=prune_lora", *base, extra, check=False)
+        assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr[-1500:]

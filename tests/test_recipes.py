@@ -29,6 +29,8 @@ END_TO_END = {
     **{name: "tests/test_recipes.py::test_recipe_end_to_end" for name in DISTILL_RECIPES},
     "seq_distill": "tests/test_seqkd.py::test_seq_distill_end_to_end",
     "icl_distill": "tests/test_icl.py::test_icl_distill_end_to_end",
+    "prune_lora": "tests/test_prune.py::test_prune_recipe_end_to_end",
+    "prune_distill": "tests/test_prune.py::test_prune_recipe_end_to_end",
 }
 
 

@@ -78,7 +78,14 @@ def apply_override(cfg: DictConfig, key: str, raw: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not YAML (e.g. an unbalanced bracket): keep the text, the type check decides
+    if value is not None and not isinstance(value, (list, dict)) and _is_str_key(cfg, key):
+        value = raw  # a text setting keeps its text: YAML 1.1 would read "1:3" as 63 and "no" as False
     set_value(cfg, key, value)
+
+
+def _is_str_key(cfg: DictConfig, key: str) -> bool:
+    node = OmegaConf.select(cfg, key, default=None)
+    return isinstance(node, str)
 
 
 def set_value(cfg: DictConfig, key: str, value: Any) -> None:

@@ -173,6 +173,7 @@ _TABLES = {
     "teacher_agreement": ("agreement with the teacher (held-out prompts, greedy)",
                           {"ROUGE-L": "rouge_l", "token match": "token_match"}),
     "accuracy": ("held-out accuracy", {"accuracy": "accuracy"}),
+    "pruning": ("pruning", {"params": "params", "val PPL": "val_ppl", "tokens/s": "tokens_per_s"}),
 }  # fmt: skip
 
 
@@ -185,6 +186,12 @@ def write_metrics(metrics: dict[str, Any], out: Path) -> None:
         "perplexity": {k: v for k, v in metrics.items() if isinstance(v, dict) and "val_ppl" in v},
         "teacher_agreement": metrics.get("teacher_agreement", {}),
         "accuracy": {k: {"accuracy": v} for k, v in metrics.get("accuracy", {}).items()},
+        "pruning": {
+            stage: {field: metrics.get(field, {}).get(stage) for field in ("params", "val_ppl", "tokens_per_s")}
+            for stage in ("dense", "pruned", "recovered")
+        }
+        if isinstance(metrics.get("val_ppl"), dict)
+        else {},
     }
     console = Console()
     for key, rows in sections.items():
@@ -196,7 +203,17 @@ def write_metrics(metrics: dict[str, Any], out: Path) -> None:
         for col in columns:
             table.add_column(col, justify="right")
         for name, row in rows.items():
-            table.add_row(name, *(f"{row[field]:.4f}" for field in columns.values()))
+            table.add_row(name, *(_cell(row.get(field)) for field in columns.values()))
         console.print(table)
-    summary = ", ".join(f"{k} {metrics[k]}" for k in ("steps", "tokens_per_s", "wall_s") if k in metrics)
+    summary = ", ".join(
+        f"{k} {metrics[k]}" for k in ("steps", "tokens_per_s", "wall_s") if isinstance(metrics.get(k), (int, float))
+    )
     console.print(f"{summary}; written to {out}")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"

@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from distillprune.config import instantiate
@@ -23,7 +23,7 @@ from distillprune.data import TextDataModule
 from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
 from distillprune.models import export, load_model, load_tokenizer, shared_vocab_size
-from distillprune.pipeline import kd_loss, prepare_output_dir, train, write_metrics
+from distillprune.pipeline import prepare_output_dir, train, write_metrics
 from distillprune.prune.groups import adapter_for, layer_widths
 from distillprune.prune.importance import score
 from distillprune.prune.surgery import apply, plan, select
@@ -42,11 +42,11 @@ def prune_distill(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, recover) -> dict[str, Any]:
     start = time.perf_counter()
     out = prepare_output_dir(cfg)
-    loss = kd_loss(cfg) if cfg.get("teacher", "dense") is not None else None
+    loss = instantiate(cfg.loss) if recover is _distill else None  # the dense model is the teacher
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = load_model(**cfg.model).eval()
     adapter_for(model)  # unsupported architectures fail here, before any work
-    layers = _layers(cfg.prune.layers, model.config.num_hidden_layers)
+    layers = _layers(str(cfg.prune.layers), model.config.num_hidden_layers)
     the_plan = plan(model, cfg.prune.ratio, layers, cfg.prune.gqa, cfg.prune.round_to)
     tok = load_tokenizer(cfg.model.name)
     data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)
@@ -105,15 +105,17 @@ def _distill(cfg, model, dense, loss, data, out) -> PreTrainedModel:
     return model
 
 
-def _layers(spec: Any, n: int) -> list[int]:
-    if spec == "all":
-        return list(range(n))
-    if isinstance(spec, str) and ":" in spec:  # "3:27" as in Python slices
-        a, b = spec.split(":")
-        return list(range(n))[int(a or 0) : int(b) if b else n]
-    if isinstance(spec, (list, ListConfig)):
-        return sorted({int(i) for i in spec})
-    raise UserError(f"prune.layers '{spec}': use all, a slice like 3:27, or a list of layer indices")
+def _layers(spec: str, n: int) -> list[int]:
+    """``all``, a slice such as ``3:27``, or a comma list such as ``0,5,9``."""
+    try:
+        if spec == "all":
+            return list(range(n))
+        if ":" in spec:
+            a, b = spec.split(":")
+            return list(range(n))[int(a or 0) : int(b) if b else n]
+        return sorted({int(i) for i in str(spec).split(",")})
+    except ValueError:
+        raise UserError(f"prune.layers '{spec}': use all, a slice like 3:27, or indices like 0,5,9") from None
 
 
 def _calibration(cfg: DictConfig, tok) -> list[dict[str, torch.Tensor]]:
