@@ -205,3 +205,31 @@ def test_prune_bad_input_is_one_line(tiny_model_dir: Path, tiny_text_file: Path,
     ]:
         done = run_train("recipe=prune_lora", *base, extra, check=False)
         assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr[-1500:]
+
+
+def test_magnitude_masks_stay_fixed_through_training(model) -> None:
+    from distillprune.prune.magnitude import finalize, magnitude_prune, sparsity_of
+
+    reached = magnitude_prune(model, 0.5, [1, 2])
+    assert abs(reached - 0.5) < 0.01
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(3):
+        model(IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    finalize(model)
+    assert sparsity_of(model, [1, 2]) >= reached  # nothing that was pruned came back
+    assert sparsity_of(model, [0, 3]) < 0.01  # layers not asked for are untouched
+    assert not any(name.endswith(("weight_orig", "weight_mask")) for name, _ in model.named_parameters())
+
+
+def test_prune_magnitude_end_to_end(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "magnitude"
+    args = [a for a in prune_overrides(tiny_model_dir, tiny_text_file, out) if not a.startswith("prune.calibration")]
+    run_train("recipe=prune_magnitude", *args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert abs(metrics["sparsity"] - 0.5) < 0.01 and metrics["sparsity_after_recovery"] >= metrics["sparsity"]
+    assert metrics["params"]["pruned"] == metrics["params"]["dense"] and "none" in metrics["speedup"]
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert (final.model.layers[1].mlp.up_proj.weight == 0).float().mean() > 0.3

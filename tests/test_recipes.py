@@ -31,6 +31,7 @@ END_TO_END = {
     "icl_distill": "tests/test_icl.py::test_icl_distill_end_to_end",
     "prune_lora": "tests/test_prune.py::test_prune_recipe_end_to_end",
     "prune_distill": "tests/test_prune.py::test_prune_recipe_end_to_end",
+    "prune_magnitude": "tests/test_prune.py::test_prune_magnitude_end_to_end",
 }
 
 
