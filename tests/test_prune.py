@@ -179,17 +179,40 @@ def prune_overrides(model_dir: Path, data_file: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory, tiny_tokenizer, tiny_model_dir: Path) -> dict[str, Path]:
+    """Llama with GQA and tied embeddings, Llama without GQA and untied, Qwen2 with q/k/v biases."""
+    root = tmp_path_factory.mktemp("families")
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.2,
+        pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id))  # fmt: skip
+    qwen.save_pretrained(root / "qwen2")
+    tiny_tokenizer.save_pretrained(root / "qwen2")
+    return {
+        "llama_gqa_tied": tiny_model_dir,
+        "llama_mha_untied": make_tiny_model(root / "mha", tiny_tokenizer, num_key_value_heads=4,
+                                            tie_word_embeddings=False),
+        "qwen2_bias_untied": root / "qwen2",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["llama_gqa_tied", "llama_mha_untied", "qwen2_bias_untied"])
 @pytest.mark.parametrize("recipe", ["prune_lora", "prune_distill"])
-def test_prune_recipe_end_to_end(recipe: str, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+def test_prune_recipe_end_to_end(
+    recipe: str, family: str, tiny_family_dirs: dict[str, Path], tiny_text_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / recipe
-    run_train(f"recipe={recipe}", *prune_overrides(tiny_model_dir, tiny_text_file, out))
+    run_train(f"recipe={recipe}", *prune_overrides(tiny_family_dirs[family], tiny_text_file, out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert abs(metrics["params"]["removed_fraction"] - 0.2) < 0.01  # prune.ratio=0.2 of all parameters
     assert set(metrics["val_ppl"]) == {"dense", "pruned", "recovered"}
     assert set(metrics["tokens_per_s"]) == {"dense", "pruned"} and metrics["peak_mem_mb"] > 0
-    assert [w["heads"] for w in metrics["widths"]] == [4, 2, 2, 4]  # layers 1 and 2 pruned, 0 and 3 kept
+    heads = [w["heads"] for w in metrics["widths"]]
+    assert heads[0] == heads[3] == 4 and heads[1] == heads[2] < 4  # layers 1 and 2 pruned, 0 and 3 kept
     final = AutoModelForCausalLM.from_pretrained(out / "final").eval()  # registered per-layer type
-    assert type(final).__name__ == "DistillpruneLlamaForCausalLM"
+    assert type(final).__name__.startswith("Distillprune")
     assert not any("lora" in name for name, _ in final.named_parameters())  # adapters merged away
     assert sum(p.numel() for p in final.parameters()) == metrics["params"]["pruned"]
     with torch.no_grad():

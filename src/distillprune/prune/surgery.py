@@ -50,6 +50,7 @@ def plan(model: PreTrainedModel, ratio: float, layers: list[int], gqa: str, roun
     total = sum(p.numel() for p in model.parameters())
     target = ratio * total
     per_head, per_kv, per_channel = 2 * hd * hidden, 2 * hd * hidden, 3 * hidden  # q rows + o cols; k + v rows
+    gqa = effective_mode(gqa, first)
     prunable = len(layers) * (first.heads * per_head + first.kv_heads * per_kv + first.intermediate * per_channel)
     fraction = target / prunable
     group = first.heads // first.kv_heads
@@ -85,7 +86,7 @@ def select(
     for i in the_plan.layers:
         w, s = widths[i], scores[i]
         group = w.heads // w.kv_heads
-        if gqa == "kv_groups":
+        if effective_mode(gqa, w) == "kv_groups":
             kv = _top(s.kv_heads, the_plan.kv_heads)
             heads = [g * group + j for g in kv for j in range(group)]
         else:
@@ -138,6 +139,11 @@ def _rewrite_config(model: PreTrainedModel, hd: int) -> None:
         if hasattr(module, "config") and module is not model:
             module.config = new
     model.__class__ = model_cls
+
+
+def effective_mode(gqa: str, widths: Widths) -> str:
+    """Without GQA (one query head per KV head) a head and its KV head leave together: kv_groups either way."""
+    return "kv_groups" if widths.heads == widths.kv_heads else gqa
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:
