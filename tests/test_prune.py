@@ -84,6 +84,15 @@ def test_head_dim_is_never_changed(model) -> None:
     assert pruned.config.head_dim == hd and pruned.config.num_attention_heads == 2  # 4 -> 2 heads, same head_dim
 
 
+def test_heads_only_or_channels_only(model) -> None:
+    heads_only = plan(model, 0.1, [1, 2], "kv_groups", parts=("heads",))
+    assert heads_only.kv_heads == 1 and heads_only.channels == {1: 128, 2: 128}
+    channels_only = plan(model, 0.1, [1, 2], "kv_groups", parts=("channels",))
+    assert channels_only.kv_heads == 2 and channels_only.heads == 4 and channels_only.channels[1] < 128
+    with pytest.raises(UserError, match="cannot be met"):
+        plan(model, 0.5, [1], "kv_groups", parts=("heads",))
+
+
 def test_round_to_and_infeasible_ratio(model) -> None:
     pruned, keep, _ = _prune(model, ratio=0.1, round_to=8)
     assert all(len(k["channels"]) % 8 == 0 for k in keep.values())

@@ -82,7 +82,7 @@ def _run(cfg: DictConfig, recover) -> dict[str, Any]:
     model = load_model(**cfg.model).eval()
     adapter_for(model)  # unsupported architectures fail here, before any work
     layers = _layers(str(cfg.prune.layers), model.config.num_hidden_layers)
-    the_plan = plan(model, cfg.prune.ratio, layers, cfg.prune.gqa, cfg.prune.round_to)
+    the_plan = plan(model, cfg.prune.ratio, layers, cfg.prune.gqa, cfg.prune.round_to, tuple(cfg.prune.parts))
     tok = load_tokenizer(cfg.model.name)
     data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)
     data.setup("fit")

@@ -33,13 +33,23 @@ class Plan:
     removed_params: int = 0
 
 
-def plan(model: PreTrainedModel, ratio: float, layers: list[int], gqa: str, round_to: int = 1) -> Plan:
-    """Head and channel counts that remove about ``ratio`` of all parameters from ``layers``; a one-line error
-    when that cannot be done (GQA divisibility, too few heads or channels)."""
+def plan(
+    model: PreTrainedModel,
+    ratio: float,
+    layers: list[int],
+    gqa: str,
+    round_to: int = 1,
+    parts: tuple[str, ...] = ("heads", "channels"),
+) -> Plan:
+    """Head and channel counts that remove about ``ratio`` of all parameters from ``layers``, taking from the
+    ``parts`` named (``heads``, ``channels`` or both); a one-line error when that cannot be done (GQA
+    divisibility, too few heads or channels)."""
     if gqa not in GQA_MODES:
         raise UserError(f"prune.gqa '{gqa}' is unknown; choose {', '.join(GQA_MODES)}")
     if not 0.0 <= ratio < 1.0:
         raise UserError(f"prune.ratio must be in [0, 1), got {ratio}")
+    if not parts or set(parts) - {"heads", "channels"}:
+        raise UserError(f"prune.parts {list(parts)}: choose heads, channels or both")
     widths, hd, hidden = layer_widths(model), head_dim(model), model.config.hidden_size
     n_layers = len(widths)
     if not layers or any(not 0 <= i < n_layers for i in layers):
@@ -47,27 +57,28 @@ def plan(model: PreTrainedModel, ratio: float, layers: list[int], gqa: str, roun
     first = widths[layers[0]]
     if any(widths[i] != first for i in layers):
         raise UserError("the layers to prune already have different widths; prune them in separate passes")
-    total = sum(p.numel() for p in model.parameters())
-    target = ratio * total
+    target = ratio * sum(p.numel() for p in model.parameters())
     per_head, per_kv, per_channel = 2 * hd * hidden, 2 * hd * hidden, 3 * hidden  # q rows + o cols; k + v rows
-    gqa = effective_mode(gqa, first)
-    prunable = len(layers) * (first.heads * per_head + first.kv_heads * per_kv + first.intermediate * per_channel)
-    fraction = target / prunable
+    attention = first.heads * per_head + first.kv_heads * per_kv
+    mlp = first.intermediate * per_channel
+    fraction = target / (len(layers) * ((attention if "heads" in parts else 0) + (mlp if "channels" in parts else 0)))
     group = first.heads // first.kv_heads
-    if gqa == "kv_groups":
+    kv, heads = first.kv_heads, first.heads
+    if "heads" in parts and effective_mode(gqa, first) == "kv_groups":
         kv = max(1, first.kv_heads - round(fraction * first.kv_heads))
         heads = kv * group
-    else:
-        kv = first.kv_heads
+    elif "heads" in parts:
         heads = max(1, group - round(fraction * group)) * kv
     removed = len(layers) * ((first.heads - heads) * per_head + (first.kv_heads - kv) * per_kv)
-    channels_out = max(0.0, target - removed) / (len(layers) * per_channel)
-    keep = first.intermediate - channels_out
-    keep = round_to * math.floor(keep / round_to + 0.5) if round_to > 1 else round(keep)
-    if keep < max(1, round_to):
+    keep = first.intermediate
+    if "channels" in parts:
+        keep = first.intermediate - max(0.0, target - removed) / (len(layers) * per_channel)
+        keep = round_to * math.floor(keep / round_to + 0.5) if round_to > 1 else round(keep)
+    if keep < max(1, round_to) or fraction >= 1 or (ratio > 0 and removed == 0 and "channels" not in parts):
         raise UserError(
-            f"prune.ratio={ratio} cannot be met on layers {layers[0]}..{layers[-1]}: it would leave {keep} of "
-            f"{first.intermediate} MLP channels; prune more layers or a smaller ratio"
+            f"prune.ratio={ratio} cannot be met on layers {layers[0]}..{layers[-1]} from {'+'.join(parts)} "
+            f"({first.heads} heads, {first.kv_heads} KV heads, {first.intermediate} channels per layer); "
+            "prune more layers or parts, or a smaller ratio"
         )
     keep = min(keep, first.intermediate)
     removed += len(layers) * (first.intermediate - keep) * per_channel
