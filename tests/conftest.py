@@ -15,7 +15,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)  # noqa: E402
 
 from distillprune.data import load_documents  # noqa: E402
 
@@ -47,10 +55,23 @@ def _train_tokenizer(text: str, vocab_size: int = 384) -> PreTrainedTokenizerFas
     return fast
 
 
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
 def make_tiny_model(
-    out: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0, vocab_pad: int = 0, **overrides: int
+    out: Path,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int = 0,
+    vocab_pad: int = 0,
+    arch: str = "llama",
+    **overrides: int,
 ) -> Path:
-    """A random Llama (GQA 4/2 heads, 4 layers) saved as a plain HF folder with ``tokenizer``."""
+    """A random Llama (or Mistral, or Qwen2 with q/k/v biases; GQA 4/2 heads, 4 layers) saved as an HF folder with
+    ``tokenizer``."""
     torch.manual_seed(seed)
     fields = dict(
         vocab_size=len(tokenizer) + vocab_pad,
@@ -67,7 +88,8 @@ def make_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
     )
     fields.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**fields))
+    config_cls, model_cls = ARCHITECTURES[arch]
+    model = model_cls(config_cls(**fields))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

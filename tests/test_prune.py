@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import make_tiny_model, run_train
 from distillprune.errors import UserError
@@ -135,19 +135,9 @@ def test_save_and_load_in_a_fresh_process(model, tmp_path: Path, uniform_all: bo
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_qwen2_biases_and_mistral_without_gqa(tiny_tokenizer, tmp_path: Path, tied: bool) -> None:
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        initializer_range=0.2,
-    )
-    qwen = Qwen2ForCausalLM(cfg).eval()
+def test_qwen2_with_biases_and_mistral_without_gqa(tiny_tokenizer, tmp_path: Path, tied: bool) -> None:
+    qwen_dir = make_tiny_model(tmp_path / "qwen2", tiny_tokenizer, arch="qwen2", tie_word_embeddings=tied)
+    qwen = AutoModelForCausalLM.from_pretrained(qwen_dir).eval()
     assert qwen.model.layers[0].self_attn.q_proj.bias is not None
     dense = copy.deepcopy(qwen)
     pruned, keep, _ = _prune(qwen, layers=(0, 1, 2), gqa="kv_groups", ratio=0.2)
@@ -158,8 +148,11 @@ def test_qwen2_biases_and_mistral_without_gqa(tiny_tokenizer, tmp_path: Path, ti
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, pruned(IDS).logits, rtol=0, atol=0)
 
-    mistral_dir = make_tiny_model(tmp_path / "m", tiny_tokenizer, num_key_value_heads=4, tie_word_embeddings=tied)
-    mistral = AutoModelForCausalLM.from_pretrained(mistral_dir).eval()  # a Llama without GQA (4/4 heads)
+    mistral_dir = make_tiny_model(
+        tmp_path / "m", tiny_tokenizer, arch="mistral", num_key_value_heads=4, tie_word_embeddings=tied
+    )
+    mistral = AutoModelForCausalLM.from_pretrained(mistral_dir).eval()  # no GQA: 4 heads, 4 KV heads
+    assert type(mistral).__name__ == "MistralForCausalLM"
     dense = copy.deepcopy(mistral)
     pruned, keep, _ = _prune(mistral, gqa="kv_groups", ratio=0.1)
     with torch.no_grad():
@@ -192,18 +185,11 @@ def prune_overrides(model_dir: Path, data_file: Path, out: Path) -> list[str]:
 def tiny_family_dirs(tmp_path_factory, tiny_tokenizer, tiny_model_dir: Path) -> dict[str, Path]:
     """Llama with GQA and tied embeddings, Llama without GQA and untied, Qwen2 with q/k/v biases."""
     root = tmp_path_factory.mktemp("families")
-    torch.manual_seed(0)
-    qwen = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.2,
-        pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id))  # fmt: skip
-    qwen.save_pretrained(root / "qwen2")
-    tiny_tokenizer.save_pretrained(root / "qwen2")
     return {
         "llama_gqa_tied": tiny_model_dir,
         "llama_mha_untied": make_tiny_model(root / "mha", tiny_tokenizer, num_key_value_heads=4,
                                             tie_word_embeddings=False),
-        "qwen2_bias_untied": root / "qwen2",
+        "qwen2_bias_untied": make_tiny_model(root / "qwen2", tiny_tokenizer, arch="qwen2", tie_word_embeddings=False),
     }  # fmt: skip
 
 
