@@ -18,8 +18,7 @@ from distillprune.prune.importance import _projections
 
 def magnitude_prune(model: PreTrainedModel, sparsity: float, layers: list[int]) -> float:
     """Mask the globally smallest-magnitude weights of ``layers``; returns the sparsity reached there."""
-    if not 0.0 <= sparsity < 1.0:
-        raise UserError(f"prune.sparsity must be in [0, 1), got {sparsity}")
+    check_sparsity(sparsity)
     adapter = adapter_for(model)
     blocks = decoder_layers(model, adapter)
     linears = [lin for i in layers for lin in _projections(blocks[i], adapter)]
@@ -32,6 +31,12 @@ def magnitude_prune(model: PreTrainedModel, sparsity: float, layers: list[int]) 
         torch_prune.custom_from_mask(lin, "weight", mask)
         zeros += int((mask == 0).sum())
     return zeros / magnitudes.numel()
+
+
+def check_sparsity(sparsity: float) -> None:
+    """A one-line error for a sparsity outside [0, 1)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise UserError(f"prune.sparsity must be in [0, 1), got {sparsity}")
 
 
 def finalize(model: PreTrainedModel) -> None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.config import instantiate
 from distillprune.data import TextDataModule
@@ -26,7 +29,7 @@ from distillprune.models import export, load_model, load_tokenizer, shared_vocab
 from distillprune.pipeline import prepare_output_dir, train, write_metrics
 from distillprune.prune.groups import adapter_for, layer_widths
 from distillprune.prune.importance import score
-from distillprune.prune.magnitude import finalize, magnitude_prune, sparsity_of
+from distillprune.prune.magnitude import check_sparsity, finalize, magnitude_prune, sparsity_of
 from distillprune.prune.surgery import apply, plan, select
 
 
@@ -43,75 +46,84 @@ def prune_distill(cfg: DictConfig) -> dict[str, Any]:
 def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
     """Unstructured magnitude pruning to ``prune.sparsity``, KD recovery from the dense model with the masks
     fixed, export; reports the (absent) speed-up honestly by measuring it."""
-    start = time.perf_counter()
-    out = prepare_output_dir(cfg)
-    loss = instantiate(cfg.loss)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = load_model(**cfg.model).eval()
-    adapter_for(model)
-    layers = _layers(str(cfg.prune.layers), model.config.num_hidden_layers)
-    tok = load_tokenizer(cfg.model.name)
-    data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)
-    data.setup("fit")
-    dense = copy.deepcopy(model)
-    metrics: dict[str, Any] = {"params": {"dense": _count(model)}, "val_ppl": {}, "tokens_per_s": {}}
-    metrics["val_ppl"]["dense"] = perplexity(model, data.val_dataloader())["val_ppl"]
-    metrics["tokens_per_s"]["dense"] = generation_speed(model, tok)
+    loss = instantiate(cfg.loss)  # cheap checks first
+    run = _setup(cfg, check=lambda model, layers: check_sparsity(cfg.prune.sparsity))
+    dense, metrics = copy.deepcopy(run.model), run.metrics
     t0 = time.perf_counter()
-    metrics["sparsity"] = round(magnitude_prune(model, cfg.prune.sparsity, layers), 4)
+    metrics["sparsity"] = round(magnitude_prune(run.model, cfg.prune.sparsity, run.layers), 4)
     metrics["prune_s"] = round(time.perf_counter() - t0, 1)
-    metrics["val_ppl"]["pruned"] = perplexity(model, data.val_dataloader())["val_ppl"]
-    metrics["tokens_per_s"]["pruned"] = generation_speed(model, tok)
+    _measure(run, "pruned")
     metrics["speedup"] = "none: unstructured zeros run through the same dense kernels"
-    model = _distill(cfg, model, dense, loss, data, out)
+    model = _distill(cfg, run.model, dense, loss, run.data, run.out)
     finalize(model)
-    metrics["sparsity_after_recovery"] = round(sparsity_of(model, layers), 4)
+    metrics["sparsity_after_recovery"] = round(sparsity_of(model, run.layers), 4)
     metrics["params"]["pruned"] = metrics["params"]["dense"]  # same shapes; zeros are still parameters
-    metrics["val_ppl"]["recovered"] = perplexity(model, data.val_dataloader())["val_ppl"]
-    export(model, tok, out / "final")
-    metrics.update(wall_s=round(time.perf_counter() - start, 1), output_dir=str(out))
-    write_metrics(metrics, out)
-    return metrics
+    return _finish(run, model)
 
 
 def _run(cfg: DictConfig, recover) -> dict[str, Any]:
-    start = time.perf_counter()
-    out = prepare_output_dir(cfg)
+    prune = cfg.prune
     loss = instantiate(cfg.loss) if recover is _distill else None  # the dense model is the teacher
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = load_model(**cfg.model).eval()
-    adapter_for(model)  # unsupported architectures fail here, before any work
-    layers = _layers(str(cfg.prune.layers), model.config.num_hidden_layers)
-    the_plan = plan(model, cfg.prune.ratio, layers, cfg.prune.gqa, cfg.prune.round_to, tuple(cfg.prune.parts))
-    tok = load_tokenizer(cfg.model.name)
-    data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)
-    data.setup("fit")
-    calibration = _calibration(cfg, tok)
+    run = _setup(cfg, check=lambda m, layers: plan(m, prune.ratio, layers, prune.gqa, prune.round_to,
+                                                   tuple(prune.parts)))  # fmt: skip
+    model, metrics = run.model, run.metrics
     dense = copy.deepcopy(model) if recover is _distill else None
-    metrics: dict[str, Any] = {"params": {"dense": _count(model)}, "val_ppl": {}, "tokens_per_s": {}}
-    metrics["val_ppl"]["dense"] = perplexity(model, data.val_dataloader())["val_ppl"]
-    metrics["tokens_per_s"]["dense"] = generation_speed(model, tok)
-
+    calibration = _calibration(cfg, run.tokenizer)
     t0 = time.perf_counter()
-    scores, peak_mb = score(model, calibration, cfg.prune.importance, layers, cfg.prune.aggregation, cfg.seed)
-    keep = select(scores, the_plan, layer_widths(model), cfg.prune.gqa, cfg.prune.uniform, cfg.prune.round_to)
+    scores, peak_mb = score(model, calibration, prune.importance, run.layers, prune.aggregation, cfg.seed)
+    keep = select(scores, run.checked, layer_widths(model), prune.gqa, prune.uniform, prune.round_to)
     apply(model, keep)
     metrics["prune_s"] = round(time.perf_counter() - t0, 1)
     metrics["peak_mem_mb"] = round(peak_mb, 1)
     metrics["params"]["pruned"] = _count(model)
     metrics["params"]["removed_fraction"] = round(1 - metrics["params"]["pruned"] / metrics["params"]["dense"], 4)
     metrics["widths"] = [w.as_dict() for w in layer_widths(model)]
-    metrics["val_ppl"]["pruned"] = perplexity(model, data.val_dataloader())["val_ppl"]
-    metrics["tokens_per_s"]["pruned"] = generation_speed(model, tok)
-    export(model, tok, out / "pruned")
+    _measure(run, "pruned")
+    export(model, run.tokenizer, run.out / "pruned")
+    return _finish(run, recover(cfg, model, dense, loss, run.data, run.out))
 
-    model = recover(cfg, model, dense, loss, data, out)
-    metrics["val_ppl"]["recovered"] = perplexity(model, data.val_dataloader())["val_ppl"]
-    export(model, tok, out / "final")
-    metrics["wall_s"] = round(time.perf_counter() - start, 1)
-    metrics["output_dir"] = str(out)
-    write_metrics(metrics, out)
-    return metrics
+
+@dataclass
+class _Run:
+    out: Path
+    model: PreTrainedModel
+    layers: list[int]
+    checked: Any  # what the recipe's check returned (the structured plan)
+    tokenizer: PreTrainedTokenizerBase
+    data: L.LightningDataModule
+    metrics: dict[str, Any]
+    start: float
+
+
+def _setup(cfg: DictConfig, check: Callable[[PreTrainedModel, list[int]], Any]) -> _Run:
+    """Load the model, check the request before any work, load the data, measure the dense model."""
+    start = time.perf_counter()
+    out = prepare_output_dir(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = load_model(**cfg.model).eval()
+    adapter_for(model)  # unsupported architectures fail here
+    layers = _layers(str(cfg.prune.layers), model.config.num_hidden_layers)
+    checked = check(model, layers)
+    tok = load_tokenizer(cfg.model.name)
+    data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)
+    data.setup("fit")
+    metrics: dict[str, Any] = {"params": {"dense": _count(model)}, "val_ppl": {}, "tokens_per_s": {}}
+    run = _Run(out, model, layers, checked, tok, data, metrics, start)
+    _measure(run, "dense")
+    return run
+
+
+def _measure(run: _Run, stage: str) -> None:
+    run.metrics["val_ppl"][stage] = perplexity(run.model, run.data.val_dataloader())["val_ppl"]
+    run.metrics["tokens_per_s"][stage] = generation_speed(run.model, run.tokenizer)
+
+
+def _finish(run: _Run, model: PreTrainedModel) -> dict[str, Any]:
+    run.metrics["val_ppl"]["recovered"] = perplexity(model, run.data.val_dataloader())["val_ppl"]
+    export(model, run.tokenizer, run.out / "final")
+    run.metrics.update(wall_s=round(time.perf_counter() - run.start, 1), output_dir=str(run.out))
+    write_metrics(run.metrics, run.out)
+    return run.metrics
 
 
 def _lora(cfg, model, dense, loss, data, out) -> PreTrainedModel:
