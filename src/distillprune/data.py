@@ -267,7 +267,6 @@ class _BlocksDataModule(L.LightningDataModule):
         self.seed, self.num_workers = seed, num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-        self._sampler: ResumableSampler | None = None
         self._resume: dict[str, int] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -292,12 +291,12 @@ class _BlocksDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
-        self._sampler = ResumableSampler(len(self.train_set), self.seed)
+        sampler = ResumableSampler(len(self.train_set), self.seed)
         if self._resume:
-            self._sampler.set_epoch(self._resume["epoch"])
-            self._sampler.skip = self._resume["batches"] * self.batch_size
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.skip = self._resume["batches"] * self.batch_size
             self._resume = {}
-        return self._loader(self.train_set, self._sampler)
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, None)

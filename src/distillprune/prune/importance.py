@@ -49,7 +49,7 @@ def score(
     adapter = adapter_for(model)
     blocks = decoder_layers(model, adapter)
     params = {i: _projections(blocks[i], adapter) for i in layers}
-    fisher: dict[int, list[Tensor]] = {}
+    fisher: dict[int, list[Tensor] | None] = {}
     activations: dict[int, list[Tensor]] = {}
     if method == "activation":
         activations = _activation_norms(model, blocks, adapter, batches, layers)
@@ -71,31 +71,39 @@ def _projections(layer: torch.nn.Module, adapter) -> list[torch.nn.Linear]:
 
 
 def _gradients(model, params, batches, squared: bool) -> dict[int, list[Tensor]]:
+    """Leave the summed calibration gradient in each projection's ``.grad``; with ``squared``, also return the
+    Fisher diagonal (mean per-sample g²), for which every sample's gradient is taken on its own."""
     was = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-    for linears in params.values():
-        for lin in linears:
-            lin.requires_grad_(True)
+    linears = [lin for group in params.values() for lin in group]
+    for lin in linears:
+        lin.requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    fisher = {i: [torch.zeros_like(lin.weight) for lin in linears] for i, linears in params.items()} if squared else {}
+    total = [torch.zeros_like(lin.weight) for lin in linears] if squared else []
+    fisher = [torch.zeros_like(lin.weight, dtype=torch.float32) for lin in linears] if squared else []
     n = 0
     for batch in batches:
         for row in range(batch["input_ids"].shape[0]):  # one sample at a time: F needs per-sample gradients
             ids = batch["input_ids"][row : row + 1]
-            before = {i: [lin.weight.grad.clone() if lin.weight.grad is not None else None for lin in linears]
-                      for i, linears in params.items()} if squared else {}  # fmt: skip
             model(input_ids=ids, labels=ids).loss.backward()
             n += 1
-            for i, linears in params.items() if squared else ():
+            if squared:
                 for j, lin in enumerate(linears):
-                    prev = before[i][j]
-                    g = lin.weight.grad if prev is None else lin.weight.grad - prev
-                    fisher[i][j] += g.float() ** 2
+                    total[j] += lin.weight.grad
+                    fisher[j] += lin.weight.grad.float() ** 2
+                    lin.weight.grad = None
+    if squared:
+        for lin, grad in zip(linears, total, strict=True):
+            lin.weight.grad = grad
     for p, flag in zip(model.parameters(), was, strict=True):
         p.requires_grad_(flag)
     if n == 0:
         raise UserError("no calibration samples: prune.calibration.samples must be > 0")
-    return {i: [f / n for f in fs] for i, fs in fisher.items()} if squared else {i: [] for i in params}
+    out, start = {}, 0
+    for i, group in params.items():  # back to {layer: [per-projection Fisher]}
+        out[i] = [f / n for f in fisher[start : start + len(group)]] if squared else None
+        start += len(group)
+    return out
 
 
 @torch.no_grad()
