@@ -31,13 +31,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
-    """``auto``: the run folder's last checkpoint when there is one; a path: that file; None: start fresh."""
+    """``auto``: the run folder's last checkpoint when there is one; a path: that file (or, for ZeRO and FSDP,
+    that checkpoint folder); None: start fresh."""
     if resume in (None, "", "never"):
         return None
     if resume == "auto":
         last = checkpoint_dir / "last.ckpt"
         return str(last) if last.exists() else None
     path = Path(resume)
-    if not path.is_file():
-        raise UserError(f"resume={resume}: no such checkpoint file")
+    if not path.exists():
+        raise UserError(f"resume={resume}: no such checkpoint file or folder")
     return str(path)

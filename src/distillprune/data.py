@@ -227,21 +227,25 @@ def _pad(ids: list[list[int]], labels: list[list[int]], pad_id: int, prefix: str
 
 class ResumableSampler(Sampler[int]):
     """A shuffled order per (seed, epoch) that can start part-way through an epoch, so a resumed run sees
-    exactly the batches an uninterrupted run would have seen."""
+    exactly the batches an uninterrupted run would have seen. With ``world`` ranks, rank r takes every world-th
+    index from r on (the tail that does not fill a round is dropped), so the ranks' batches together are the
+    batch of ``world`` times the size that one process would take: the same global batch at any world size."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        mine = order[: len(self) * self.world][self.rank :: self.world]
         skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        return iter(mine[skip:])
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world
 
 
 class _BlocksDataModule(L.LightningDataModule):
@@ -291,7 +295,11 @@ class _BlocksDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
-        sampler = ResumableSampler(len(self.train_set), self.seed)
+        trainer = self.trainer  # None when used outside a Trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableSampler(len(self.train_set), self.seed, rank, world)
+        if len(sampler) == 0:
+            raise UserError(f"{len(self.train_set)} training blocks cannot be shared among {world} ranks")
         if self._resume:
             sampler.set_epoch(self._resume["epoch"])
             sampler.skip = self._resume["batches"] * self.batch_size
@@ -299,6 +307,8 @@ class _BlocksDataModule(L.LightningDataModule):
         return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
+        # every rank scores the whole validation set: ZeRO-3 and FSDP need the same forward passes on all ranks,
+        # and summing tokens and NLL over ranks keeps the exact per-token mean
         return self._loader(self.val_set, None)
 
     def state_dict(self) -> dict[str, int]:

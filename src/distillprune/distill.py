@@ -19,7 +19,9 @@ from transformers import PreTrainedModel
 from distillprune.data import collate
 from distillprune.errors import UserError
 from distillprune.generate import generate
-from distillprune.losses import IGNORE_INDEX, Divergence
+from distillprune.kd_memory import kd_ce, kd_ce_fused_linear
+from distillprune.losses import IGNORE_INDEX, Divergence, ForwardKL
+from distillprune.strategies import adamw, shard_fsdp2
 
 
 def frozen(model: PreTrainedModel) -> PreTrainedModel:
@@ -60,6 +62,11 @@ class DistillSystem(L.LightningModule):
         lmbda: on-policy share (GKD): with this probability a batch's responses are replaced by the student's
             own samples (``max_new_tokens`` at ``sample_temperature``) and the loss is the KD term alone on them.
             The coin depends only on (seed, step), so every rank draws the same. Needs prompt/response data.
+        teacher_on_cpu: keep the teacher in CPU memory outside the strategy (each rank runs it there) instead of
+            on the device; by default it follows the strategy: replicated under DDP and ZeRO 1/2, sharded for
+            inference (no gradients, no optimizer state) under ZeRO-3 and FSDP.
+
+    ``loss.impl`` picks how CE + KD is computed (``distillprune.kd_memory``): dense, chunked or fused_linear.
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class DistillSystem(L.LightningModule):
         max_new_tokens: int = 64,
         sample_temperature: float = 1.0,
         seed: int = 1234,
+        teacher_on_cpu: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= kd_weight <= 1.0:
@@ -86,8 +94,11 @@ class DistillSystem(L.LightningModule):
         if not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
         self.student = student
-        self.teacher = frozen(teacher) if teacher is not None else None
+        self.teacher = frozen(teacher) if teacher is not None and not teacher_on_cpu else None
+        # a list hides a CPU teacher from the module tree, so no strategy moves, wraps or shards it
+        self._cpu_teacher = [frozen(teacher).cpu()] if teacher is not None and teacher_on_cpu else []
         self.kd_loss = loss
+        self._objective = loss if loss is not None else ForwardKL()  # CE alone: only its impl is used
         self.kd_weight = kd_weight
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
@@ -97,6 +108,7 @@ class DistillSystem(L.LightningModule):
         self._val_nll: list[Tensor] = []
         self._val_tokens: list[Tensor] = []
         self._t0 = 0.0
+        self._fsdp_done = False
         self.tokens_seen = 0  # non-padding tokens trained on by this process
 
     # ------------------------------------------------------------------------------------------ steps
@@ -104,8 +116,9 @@ class DistillSystem(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, parts = self._shared_step(batch)
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
+        # means over all ranks: the loss of the global batch, comparable across world sizes
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
 
@@ -131,7 +144,19 @@ class DistillSystem(L.LightningModule):
         self._val_nll.clear()
         self._val_tokens.clear()
         val_loss = (nll / tokens.clamp(min=1)).item()
-        self.log_dict({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}, sync_dist=False)
+        # already gathered: every rank logs the same values (sync_dist only keeps Lightning from warning)
+        self.log_dict({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}, sync_dist=True)
+
+    def configure_model(self) -> None:
+        """FSDP2 (``trainer.strategy=fsdp``): shard the student and the frozen teacher per decoder layer. Under
+        other strategies the models are used as passed in (DeepSpeed partitions them in ``initialize``)."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or self._fsdp_done:
+            return
+        shard_fsdp2(self.student, mesh["data_parallel"])
+        if self.teacher is not None:
+            shard_fsdp2(self.teacher, mesh["data_parallel"])
+        self._fsdp_done = True
 
     def configure_optimizers(self) -> dict:
         decay, no_decay = [], []
@@ -139,7 +164,7 @@ class DistillSystem(L.LightningModule):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        optimizer = adamw(self.trainer.strategy)(groups, lr=self.lr, betas=self.betas)
         total = max(self.trainer.max_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self._lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -153,29 +178,44 @@ class DistillSystem(L.LightningModule):
         on_policy = on_policy_coin(self.seed, self.global_step, self.lmbda)
         if on_policy:
             batch = self._student_samples(batch)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        student_logits, labels = shifted(self.student(input_ids=ids, attention_mask=mask).logits, batch["labels"])
-        ce = F.cross_entropy(
-            student_logits.reshape(-1, student_logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
-        )  # [B, T-1, V] against [B, T-1]
-        parts = {"ce": ce.detach()}
-        if self.kd_weight == 0.0 and not on_policy:
-            return ce, parts
-        view = "teacher_" if "teacher_input_ids" in batch else ""  # in-context KD: the teacher sees more
-        with torch.no_grad():
-            out = self.teacher(input_ids=batch[view + "input_ids"], attention_mask=batch[view + "attention_mask"])
-            teacher_logits, teacher_labels = shifted(out.logits, batch[view + "labels"])
-        # the same target tokens, in order, at possibly different offsets in the two views: [N, V] each
-        s_sel, t_sel = student_logits[labels != IGNORE_INDEX], teacher_logits[teacher_labels != IGNORE_INDEX]
-        if s_sel.shape[0] != t_sel.shape[0]:
-            raise ValueError(f"student has {s_sel.shape[0]} target positions, teacher {t_sel.shape[0]}")
-        kd = self.kd_loss(s_sel, t_sel)
-        parts["kd"] = kd.detach()
+        kd_weight = 1.0 if on_policy else self.kd_weight  # the student's own samples are no ground truth (GKD)
+        teacher = self._teacher() if kd_weight > 0 else None
+        fused = self._objective.impl == "fused_linear"
+        student_out, labels = shifted(self._run(self.student, batch, "", fused), batch["labels"])  # [B, T-1, V|H]
+        keep = labels != IGNORE_INDEX
+        s_sel, targets = student_out[keep], labels[keep]  # [N, V|H], [N]
+        t_sel = None
+        if teacher is not None:
+            view = "teacher_" if "teacher_input_ids" in batch else ""  # in-context KD: the teacher sees more
+            with torch.no_grad():
+                t_out, t_labels = shifted(self._run(teacher, batch, view, fused), batch[view + "labels"])
+            # the same target tokens, in order, at possibly different offsets in the two views
+            t_sel = t_out[t_labels != IGNORE_INDEX].to(s_sel.device)
+            if s_sel.shape[0] != t_sel.shape[0]:
+                raise ValueError(f"student has {s_sel.shape[0]} target positions, teacher {t_sel.shape[0]}")
+        if fused:
+            heads = [m.get_output_embeddings().weight if m is not None else None for m in (self.student, teacher)]
+            if heads[1] is not None:
+                heads[1] = heads[1].to(s_sel.device)
+            total, ce, kd = kd_ce_fused_linear(self._objective, s_sel, heads[0], t_sel, heads[1], targets, kd_weight)
+        else:
+            total, ce, kd = kd_ce(self._objective, s_sel, t_sel, targets, kd_weight)
+        parts = {"ce": ce} | ({"kd": kd} if teacher is not None else {})
         if self.lmbda > 0:
             parts["on_policy"] = torch.tensor(float(on_policy))
-        if on_policy:  # the student's own samples are no ground truth: divergence only (GKD)
-            return kd, parts
-        return (1.0 - self.kd_weight) * ce + self.kd_weight * kd, parts
+        return total, parts
+
+    def _teacher(self) -> PreTrainedModel:
+        return self.teacher if self.teacher is not None else self._cpu_teacher[0]
+
+    @staticmethod
+    def _run(model: PreTrainedModel, batch: dict[str, Tensor], view: str, hidden: bool) -> Tensor:
+        """Logits ``[B, T, V]``, or the last hidden states ``[B, T, H]`` for the fused-linear loss."""
+        device = next(model.parameters()).device
+        ids, mask = batch[view + "input_ids"].to(device), batch[view + "attention_mask"].to(device)
+        if hidden:
+            return model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        return model(input_ids=ids, attention_mask=mask).logits
 
     def _student_samples(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch's prompts with responses sampled from the student, as student (and teacher) views."""

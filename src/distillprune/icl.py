@@ -80,7 +80,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     files = write_splits(out / "data", {"train": views, "val": [{**v, "answer": v["output"]} for v in eval_views]})
     data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["train"]), val_source=str(files["val"]))
-    trainer, _, fit_s = train(cfg, student, teacher if loss is not None else None, loss, data, out)
+    trainer, _, fit_s, student = train(cfg, student, teacher if loss is not None else None, loss, data, out)
+    if student is None:  # not global rank 0: the training is this rank's whole share
+        return {}
     accuracy["student_after"] = task_accuracy(student, tok, eval_views, "student", gen)
     export(student, tok, out / "final")
     metrics = {

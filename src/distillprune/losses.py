@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+IMPLS = ("dense", "chunked", "fused_linear")
 
 
 class Divergence(nn.Module):
@@ -24,14 +25,27 @@ class Divergence(nn.Module):
         temperature: softens both distributions; the loss is multiplied by its square.
         vocab_size: the real vocabulary shared by teacher and student. When set, logits are cut to it, so rows
             that one model only carries as padding (e.g. 49152 vs 49216) never enter the loss.
+        impl: how the training system computes CE + KD (``distillprune.kd_memory``): ``dense`` (full [N, V]
+            logits of both models in float32), ``chunked`` (from the logits, ``chunk_size`` rows of float32 at a
+            time) or ``fused_linear`` (logits computed chunk by chunk from the last hidden states and the lm_head
+            weights, never [N, V] at all). All three give the same value and gradient.
+        chunk_size: rows per chunk for the chunked paths; 0 sizes chunks to about 32 MiB of float32 logits
+            (at least 256 rows).
     """
 
-    def __init__(self, temperature: float = 1.0, vocab_size: int | None = None) -> None:
+    def __init__(
+        self, temperature: float = 1.0, vocab_size: int | None = None, impl: str = "dense", chunk_size: int = 0
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl '{impl}' is unknown; choose {', '.join(IMPLS)}")
+        if chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0: automatic), got {chunk_size}")
         self.temperature = temperature
         self.vocab_size = vocab_size
+        self.impl, self.chunk_size = impl, chunk_size
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         s, t = self._select(student_logits, teacher_logits, labels)  # [N, V], [N, V]
@@ -88,8 +102,15 @@ class JSD(Divergence):
     defined as the KLs they interpolate between: beta = 0 is forward KL(p || q), beta = 1 is reverse KL(q || p).
     """
 
-    def __init__(self, beta: float = 0.5, temperature: float = 1.0, vocab_size: int | None = None) -> None:
-        super().__init__(temperature, vocab_size)
+    def __init__(
+        self,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        vocab_size: int | None = None,
+        impl: str = "dense",
+        chunk_size: int = 0,
+    ) -> None:
+        super().__init__(temperature, vocab_size, impl, chunk_size)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"JSD beta must be in [0, 1], got {beta}")
         self.beta = beta
@@ -107,8 +128,15 @@ class JSD(Divergence):
 class SkewKL(Divergence):
     """Skew KL of DistiLLM (Ko et al. 2024): KL(p || alpha·p + (1 - alpha)·q); alpha = 0 is forward KL."""
 
-    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, vocab_size: int | None = None) -> None:
-        super().__init__(temperature, vocab_size)
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        temperature: float = 1.0,
+        vocab_size: int | None = None,
+        impl: str = "dense",
+        chunk_size: int = 0,
+    ) -> None:
+        super().__init__(temperature, vocab_size, impl, chunk_size)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"SkewKL alpha must be in [0, 1), got {alpha}")
         self.alpha = alpha

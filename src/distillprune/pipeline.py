@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -24,6 +25,7 @@ from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
 from distillprune.losses import Divergence
 from distillprune.models import export, load_model, load_student, load_tokenizer, shared_vocab_size
+from distillprune.strategies import build_strategy, check_loss_impl, trained_student
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +44,30 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     student = load_student(**cfg.student)
     metrics: dict[str, Any] = {"params": {"student": _count(student)}}
     teacher = None
+    lead = rank_zero_only.rank == 0  # other ranks (started by the launcher or srun) only train
     if cfg.teacher is not None:
         teacher = load_model(**cfg.teacher)
         metrics["params"]["teacher"] = _count(teacher)
-        metrics["teacher"] = perplexity(teacher, data.val_dataloader())
+        if lead:
+            metrics["teacher"] = perplexity(teacher, data.val_dataloader())
         if loss is None:
             teacher = None  # evaluated for the report only; CE training never needs it in memory
         else:
             loss.vocab_size = shared_vocab_size(teacher, student, load_tokenizer(cfg.teacher.name), tokenizer)
-    metrics["student_init"] = perplexity(student, data.val_dataloader())
-    log.info("before training: %s", metrics)
+    if lead:
+        metrics["student_init"] = perplexity(student, data.val_dataloader())
+        log.info("before training: %s", metrics)
 
-    trainer, system, fit_s = train(cfg, student, teacher, loss, data, out)
+    trainer, system, fit_s, student = train(cfg, student, teacher, loss, data, out)
+    if student is None:
+        return {}
     metrics["student"] = perplexity(student, data.val_dataloader())
     export(student, tokenizer, out / "final")
     metrics.update(
         steps=int(trainer.global_step),
-        tokens_per_s=round(system.tokens_seen / fit_s, 1),  # training tokens of this process, validation included
+        world_size=trainer.world_size,
+        # training tokens of all ranks per second of fit, validation time included
+        tokens_per_s=round(system.tokens_seen * trainer.world_size / fit_s, 1),
         wall_s=round(time.perf_counter() - start, 1),
         output_dir=str(out),
     )
@@ -71,7 +80,11 @@ def kd_loss(cfg: DictConfig) -> Divergence | None:
     uses_teacher = float(cfg.system.get("kd_weight", 0.0)) > 0 or float(cfg.system.get("lmbda", 0.0)) > 0
     if uses_teacher and cfg.teacher is None:
         raise UserError("system.kd_weight > 0 needs a teacher; set teacher.name or system.kd_weight=0")
-    return instantiate(cfg.loss) if uses_teacher else None
+    if not uses_teacher:
+        return None
+    loss = instantiate(cfg.loss)
+    check_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
+    return loss
 
 
 def train(
@@ -82,8 +95,11 @@ def train(
     data: L.LightningDataModule,
     out: Path,
     system_overrides: dict[str, Any] | None = None,
-) -> tuple[L.Trainer, L.LightningModule, float]:
-    """Fit ``cfg.system`` around the models on ``data``, checkpointing under ``out``; resumes per ``cfg.resume``."""
+) -> tuple[L.Trainer, L.LightningModule, float, PreTrainedModel | None]:
+    """Fit ``cfg.system`` around the models on ``data``, checkpointing under ``out``; resumes per ``cfg.resume``.
+
+    Returns the trainer, the system, the seconds of fit and the trained student as one plain model: on global rank
+    0 only (gathered from the shards under ZeRO-3 / FSDP); None on the other ranks, whose work ends here."""
     system = instantiate(
         cfg.system, student=student, teacher=teacher, loss=loss, seed=cfg.seed, **(system_overrides or {})
     )
@@ -91,7 +107,8 @@ def train(
     ckpt_path = resolve_resume(cfg.resume, out / "checkpoints")
     fit_start = time.perf_counter()
     trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
-    return trainer, system, time.perf_counter() - fit_start
+    fit_s = time.perf_counter() - fit_start
+    return trainer, system, fit_s, trained_student(trainer, system.student)
 
 
 def _count(model: Any) -> int:
@@ -100,13 +117,16 @@ def _count(model: Any) -> int:
 
 def prepare_output_dir(cfg: DictConfig) -> Path:
     """Create the run folder (default ``runs/<recipe>-<timestamp>``) and save the resolved config in it."""
-    if cfg.output_dir is None:
-        cfg.output_dir = f"runs/{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+    if cfg.output_dir is None:  # the same folder for every rank: ranks started later inherit the variable
+        job = os.environ.get("SLURM_JOB_ID")
+        default = f"runs/{cfg.recipe}-{job}" if job else f"runs/{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+        cfg.output_dir = os.environ.setdefault("DISTILLPRUNE_RUN_DIR", default)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, out / "config.yaml")
+    if rank_zero_only.rank == 0:
+        tmp = out / "config.yaml.tmp"
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        os.replace(tmp, out / "config.yaml")
     return out
 
 
@@ -125,8 +145,12 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
     callbacks: list = [ckpt]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
+    t = cfg.trainer
+    strategy = build_strategy(str(t.get("strategy", "auto")), str(t.get("accelerator", "auto")), t.get("devices", 1))
     return instantiate(
         cfg.trainer,
+        strategy=strategy,
+        use_distributed_sampler=False,  # the datamodule shards its own resumable order (ResumableSampler)
         default_root_dir=str(out),
         callbacks=callbacks,
         logger=build_loggers(cfg, out),

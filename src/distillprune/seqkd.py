@@ -60,9 +60,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["train"]), val_source=str(files["val"])
         )
         keep_teacher = teacher if loss is not None else None
-        trainer, system, fit_s = train(cfg, student, keep_teacher, loss, data, out)
+        trainer, _, fit_s, student = train(cfg, student, keep_teacher, loss, data, out)
+        if student is None:  # not global rank 0: the training is this rank's whole share
+            return {}
         metrics.update(steps=int(trainer.global_step), train_s=round(fit_s, 1))
         export(student, tok, out / "final")
+        if trainer.world_size > 1 and cfg.reference_student:
+            log.info("reference student skipped: it is a second training run, compared on one process only")
+            cfg.reference_student = False
     if "evaluate" in cfg.stages:
         metrics["teacher_agreement"]["after"] = agreement(student, tok, eval_prompts, responses, cfg)
         if cfg.reference_student and "reference" in files and "train" in cfg.stages:
@@ -121,7 +126,9 @@ def _reference_student(
     data = instantiate(
         cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["reference"]), val_source=str(files["val"])
     )
-    train(cfg, student, None, None, data, out / "reference_student", system_overrides={"kd_weight": 0.0, "lmbda": 0.0})
+    *_, student = train(
+        cfg, student, None, None, data, out / "reference_student", system_overrides={"kd_weight": 0.0, "lmbda": 0.0}
+    )
     return agreement(student, tok, eval_prompts, responses, cfg)
 
 

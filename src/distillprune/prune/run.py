@@ -27,6 +27,7 @@ from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
 from distillprune.models import export, load_model, load_tokenizer, shared_vocab_size
 from distillprune.pipeline import prepare_output_dir, train, write_metrics
+from distillprune.strategies import check_loss_impl
 from distillprune.prune.groups import adapter_for, layer_widths
 from distillprune.prune.importance import score
 from distillprune.prune.magnitude import check_sparsity, finalize, magnitude_prune, sparsity_of
@@ -47,6 +48,7 @@ def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
     """Unstructured magnitude pruning to ``prune.sparsity``, KD recovery from the dense model with the masks
     fixed, export; reports the (absent) speed-up honestly by measuring it."""
     loss = instantiate(cfg.loss)  # cheap checks first
+    check_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
     run = _setup(cfg, check=lambda model, layers: check_sparsity(cfg.prune.sparsity))
     dense, metrics = copy.deepcopy(run.model), run.metrics
     t0 = time.perf_counter()
@@ -55,6 +57,8 @@ def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
     _measure(run, "pruned")
     metrics["speedup"] = "none: unstructured zeros run through the same dense kernels"
     model = _distill(cfg, run.model, dense, loss, run.data, run.out)
+    if model is None:  # not global rank 0: the training is this rank's whole share
+        return {}
     finalize(model)
     # speed of the exported model: masks folded into plain weights, the same shapes and kernels as dense (the
     # measurement after pruning ran with the mask reparametrisation attached, which only adds work)
@@ -67,6 +71,8 @@ def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, recover) -> dict[str, Any]:
     prune = cfg.prune
     loss = instantiate(cfg.loss) if recover is _distill else None  # the dense model is the teacher
+    if loss is not None:
+        check_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
     run = _setup(cfg, check=lambda m, layers: plan(m, prune.ratio, layers, prune.gqa, prune.round_to,
                                                    tuple(prune.parts)))  # fmt: skip
     model, metrics = run.model, run.metrics
@@ -121,7 +127,9 @@ def _measure(run: _Run, stage: str) -> None:
     run.metrics["tokens_per_s"][stage] = generation_speed(run.model, run.tokenizer)
 
 
-def _finish(run: _Run, model: PreTrainedModel) -> dict[str, Any]:
+def _finish(run: _Run, model: PreTrainedModel | None) -> dict[str, Any]:
+    if model is None:  # not global rank 0: the training is this rank's whole share
+        return {}
     run.metrics["val_ppl"]["recovered"] = perplexity(model, run.data.val_dataloader())["val_ppl"]
     export(model, run.tokenizer, run.out / "final")
     run.metrics.update(wall_s=round(time.perf_counter() - run.start, 1), output_dir=str(run.out))
@@ -144,14 +152,14 @@ def _lora(cfg, model, dense, loss, data, out) -> PreTrainedModel:
         ),
     )
     if cfg.trainer.max_steps > 0:
-        train(cfg, peft_model, None, None, data, out, system_overrides={"kd_weight": 0.0, "lmbda": 0.0})
-    return peft_model.merge_and_unload()
+        *_, peft_model = train(cfg, peft_model, None, None, data, out, system_overrides={"kd_weight": 0.0, "lmbda": 0.0})
+    return peft_model.merge_and_unload() if peft_model is not None else None
 
 
 def _distill(cfg, model, dense, loss, data, out) -> PreTrainedModel:
     loss.vocab_size = shared_vocab_size(dense, model, data.tokenizer, data.tokenizer)
     if cfg.trainer.max_steps > 0:
-        train(cfg, model, dense, loss, data, out)
+        *_, model = train(cfg, model, dense, loss, data, out)
     return model
 
 

@@ -1,0 +1,156 @@
+"""The training objective (1 - w)·CE + w·KD at the target positions, three ways with the same value and gradient.
+
+``dense``: the reference. Both models' logits ``[N, V]`` exist in full, and the float32 log-softmaxes of both
+and their products are kept for backward: several ``[N, V]`` float32 tensors at the peak.
+
+``chunked``: from the same logits, ``chunk`` rows at a time. Each chunk's float32 work and its gradient are done
+inside the forward pass (the gradient with respect to the student logits is stored in their own dtype), so no
+more than one chunk of float32 temporaries exists at once.
+
+``fused_linear``: from the last hidden states and the lm_head weights. Each chunk's logits are computed, scored
+and turned into gradients for the hidden states and the head weight at once (the approach of Liger's fused
+linear JSD); no ``[N, V]`` tensor is ever made, for either model. It needs the head weights whole: it runs
+under single device, DDP and ZeRO 1/2; under ZeRO-3 and FSDP use ``chunked``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distillprune.losses import Divergence
+
+_AUTO_CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk when chunk_size is 0 ...
+_MIN_AUTO_ROWS = 256  # ... but no fewer rows than this: the head-gradient matmul stays compute-bound
+
+
+def kd_ce(
+    loss: Divergence,
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    targets: Tensor,
+    kd_weight: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(total, ce, kd)`` from logits ``[N, V]`` at the target positions (``targets`` ``[N]``), by ``loss.impl``
+    (``fused_linear`` callers use ``kd_ce_fused_linear``). With no teacher, KD is 0 and ``kd_weight`` must be 0."""
+    if student_logits.shape[0] == 0:
+        zero = student_logits.sum() * 0.0  # no target position: zero loss that keeps the graph
+        return zero, zero.detach(), zero.detach()
+    if loss.impl == "dense":
+        ce = F.cross_entropy(student_logits.float(), targets)
+        kd = loss(student_logits, teacher_logits) if teacher_logits is not None else ce.new_zeros(())
+        return (1.0 - kd_weight) * ce + kd_weight * kd, ce.detach(), kd.detach()
+    chunk = _rows_per_chunk(loss, student_logits.shape[0], student_logits.shape[1])
+    return _ChunkedKDCE.apply(student_logits, teacher_logits, targets, loss, kd_weight, chunk)
+
+
+def kd_ce_fused_linear(
+    loss: Divergence,
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_head: Tensor | None,
+    targets: Tensor,
+    kd_weight: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(total, ce, kd)`` from hidden states ``[N, Hs]`` / ``[N, Ht]`` and head weights ``[V, Hs]`` / ``[V', Ht]``;
+    gradients flow to the student's hidden states and head weight."""
+    if student_hidden.shape[0] == 0:
+        zero = student_hidden.sum() * 0.0 + student_head.sum() * 0.0
+        return zero, zero.detach(), zero.detach()
+    chunk = _rows_per_chunk(loss, student_hidden.shape[0], student_head.shape[0])
+    return _FusedLinearKDCE.apply(
+        student_hidden, student_head, teacher_hidden, teacher_head, targets, loss, kd_weight, chunk
+    )
+
+
+def _rows_per_chunk(loss: Divergence, n: int, vocab: int) -> int:
+    if loss.chunk_size:
+        return loss.chunk_size
+    rows = max(1, _AUTO_CHUNK_BYTES // (4 * vocab))
+    return min(n, max(_MIN_AUTO_ROWS, 1 << (rows.bit_length() - 1)))  # a power of two: steady matmul shapes
+
+
+def _chunk_sums(loss: Divergence, s32: Tensor, teacher: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed CE (full student vocabulary, temperature 1) and summed divergence of one chunk of rows."""
+    ce = F.cross_entropy(s32, targets, reduction="sum")
+    if teacher is None:
+        return ce, ce.new_zeros(())
+    s, t = loss._select(s32, teacher, None)  # [n, V] each, cut to the shared vocabulary
+    temp = loss.temperature
+    log_q = F.log_softmax(s / temp, dim=-1)
+    log_p = F.log_softmax(t.float() / temp, dim=-1)
+    return ce, loss.divergence(log_q, log_p).sum()
+
+
+def _chunk_grad(
+    loss: Divergence, s32: Tensor, teacher: Tensor | None, targets: Tensor, kd_weight: float, n: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The chunk's CE and KD sums and the gradient of its share of the total with respect to ``s32``."""
+    t2 = loss.temperature**2
+    with torch.enable_grad():
+        s32 = s32.detach().requires_grad_(True)
+        ce, kd = _chunk_sums(loss, s32, teacher, targets)
+        (grad,) = torch.autograd.grad(((1.0 - kd_weight) * ce + kd_weight * t2 * kd) / n, s32)
+    return ce.detach(), kd.detach(), grad
+
+
+def _totals(ctx, loss: Divergence, ce: Tensor, kd: Tensor, kd_weight: float, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    ce, kd = ce / n, kd * loss.temperature**2 / n
+    total = (1.0 - kd_weight) * ce + kd_weight * kd
+    ctx.mark_non_differentiable(ce, kd)
+    return total, ce, kd
+
+
+class _ChunkedKDCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, targets, loss, kd_weight, chunk):  # [N, V], [N, V'] | None, [N]
+        n = student.shape[0]
+        grad = torch.empty_like(student)  # d total / d logits, in the logits' dtype
+        ce = kd = student.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, chunk):
+            rows = slice(i, i + chunk)
+            t = teacher[rows] if teacher is not None else None
+            ce_c, kd_c, g = _chunk_grad(loss, student[rows].float(), t, targets[rows], kd_weight, n)
+            grad[rows] = g
+            ce, kd = ce + ce_c, kd + kd_c
+        ctx.save_for_backward(grad)
+        return _totals(ctx, loss, ce, kd, kd_weight, n)
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_total.to(grad.dtype)), None, None, None, None, None
+
+
+class _FusedLinearKDCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, head, t_hidden, t_head, targets, loss, kd_weight, chunk):  # [N, H], [V, H], ...
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden)  # [N, H]
+        grad_head = torch.zeros(head.shape, dtype=torch.float32, device=head.device)  # [V, H], accumulated
+        ce = kd = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, chunk):
+            rows = slice(i, i + chunk)
+            h = hidden[rows]  # [c, H]
+            t = t_hidden[rows] @ t_head.T if t_hidden is not None else None  # [c, V'], no grad here
+            logits = h @ head.T  # [c, V], in the dtype the lm_head would give
+            ce_c, kd_c, g = _chunk_grad(loss, logits.float(), t, targets[rows], kd_weight, n)
+            g = g.to(logits.dtype)  # what the dense path hands back to the logits
+            grad_hidden[rows] = g @ head
+            grad_head.addmm_(g.T.to(grad_head.dtype), h.to(grad_head.dtype))
+            ce, kd = ce + ce_c, kd + kd_c
+        ctx.save_for_backward(grad_hidden, grad_head)
+        ctx.head_dtype = head.dtype
+        return _totals(ctx, loss, ce, kd, kd_weight, n)
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+        grad_hidden, grad_head = ctx.saved_tensors
+        scale = grad_total.float()
+        return (
+            grad_hidden.mul_(scale.to(grad_hidden.dtype)),
+            grad_head.mul_(scale).to(ctx.head_dtype),
+            None, None, None, None, None, None,
+        )  # fmt: skip
