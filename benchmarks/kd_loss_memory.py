@@ -51,8 +51,15 @@ def main() -> None:
             for impl in IMPLS:
                 need_mb = DENSE_BYTES_PER_LOGIT * tokens * vocab / 2**20
                 if impl == "dense" and need_mb > 0.85 * _available_mb():
-                    row = {"impl": impl, "vocab": vocab, "hidden": hidden, "tokens": tokens, "peak_mb": None,
-                           "time_s": None, "note": f"not run: needs ~{need_mb:,.0f} MB, {_available_mb():,.0f} free"}
+                    row = {
+                        "impl": impl,
+                        "vocab": vocab,
+                        "hidden": hidden,
+                        "tokens": tokens,
+                        "peak_mb": None,
+                        "time_s": None,
+                        "note": f"not run: needs ~{need_mb:,.0f} MB, {_available_mb():,.0f} free",
+                    }
                 else:
                     row = _run_child(impl, vocab, hidden, tokens)
                 rows.append(row)
@@ -62,8 +69,11 @@ def main() -> None:
             tokens //= 2
     _summary(rows)
     RESULTS.mkdir(exist_ok=True)
-    out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-           "objective": "0.5*CE + 0.5*JSD(0.5), float32, forward + backward", "rows": rows}
+    out = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "objective": "0.5*CE + 0.5*JSD(0.5), float32, forward + backward",
+        "rows": rows,
+    }
     (RESULTS / "kd_loss_memory.json").write_text(json.dumps(out, indent=2))
     print(f"written to {RESULTS / 'kd_loss_memory.json'}")
 
@@ -95,8 +105,15 @@ def _run_child(impl: str, vocab: int, hidden: int, tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--one", impl, str(vocab), str(hidden), str(tokens)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        return {"impl": impl, "vocab": vocab, "hidden": hidden, "tokens": tokens, "peak_mb": None, "time_s": None,
-                "note": f"failed ({done.returncode}): {(done.stderr.strip().splitlines() or ['killed'])[-1]}"}
+        return {
+            "impl": impl,
+            "vocab": vocab,
+            "hidden": hidden,
+            "tokens": tokens,
+            "peak_mb": None,
+            "time_s": None,
+            "note": f"failed ({done.returncode}): {(done.stderr.strip().splitlines() or ['killed'])[-1]}",
+        }
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -1,12 +1,17 @@
-"""Checkpoint files that a kill can never leave half-written, and the ``resume`` setting."""
+"""Checkpoint files that a kill can never leave half-written, the ``resume`` setting, and a CSV log that a
+resumed run continues instead of replacing."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from distillprune.errors import UserError
@@ -31,14 +36,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
-    """``auto``: the run folder's last checkpoint when there is one; a path: that file (or, for ZeRO and FSDP,
-    that checkpoint folder); None: start fresh."""
+    """``auto``: the run folder's newest checkpoint when there is one (``checkpoints/last.ckpt`` or an
+    ``hpc_ckpt_N.ckpt`` written on SLURM's requeue signal); a path: that file (or, for ZeRO and FSDP, that checkpoint
+    folder); None: start fresh."""
     if resume in (None, "", "never"):
         return None
     if resume == "auto":
-        last = checkpoint_dir / "last.ckpt"
-        return str(last) if last.exists() else None
+        # the newest of the last step checkpoint and the ones SLURM's pre-timeout signal had Lightning write
+        found = [
+            p for p in [checkpoint_dir / "last.ckpt", *checkpoint_dir.parent.glob("hpc_ckpt_*.ckpt")] if p.exists()
+        ]
+        return str(max(found, key=lambda p: p.resolve().stat().st_mtime)) if found else None
     path = Path(resume)
     if not path.exists():
         raise UserError(f"resume={resume}: no such checkpoint file or folder")
     return str(path)
+
+
+class ResumedCSVLogger(CSVLogger):
+    """``logs/metrics.csv`` that a resumed run appends to (Lightning's logger deletes the earlier rows). Steps
+    logged after the last checkpoint and before a kill appear twice; the later row is the resumed run's."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])

@@ -65,6 +65,7 @@ def choose_attention(requested: str = "auto") -> str:
         return choice
     if requested == "flash_attention_2" and not (has_flash and torch.cuda.is_available()):
         raise UserError("attn_implementation=flash_attention_2 needs flash-attn and a CUDA GPU; use auto or sdpa")
+    log.info("attention: %s (as requested)", requested)
     return requested
 
 

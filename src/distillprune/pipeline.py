@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -19,13 +20,13 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
-from distillprune.checkpoint import AtomicCheckpointIO, resolve_resume
+from distillprune.checkpoint import AtomicCheckpointIO, ResumedCSVLogger, resolve_resume
 from distillprune.config import instantiate
 from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
 from distillprune.losses import Divergence
 from distillprune.models import export, load_model, load_student, load_tokenizer, shared_vocab_size
-from distillprune.strategies import build_strategy, check_loss_impl, trained_student
+from distillprune.strategies import build_strategy, check_loss_impl, resolve_precision, trained_student
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,10 @@ def train(
     fit_start = time.perf_counter()
     trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
     fit_s = time.perf_counter() - fit_start
-    return trainer, system, fit_s, trained_student(trainer, system.student)
+    student = trained_student(trainer, system.student)  # a collective: every rank takes part
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # the other ranks are done; one left open can abort at exit
+    return trainer, system, fit_s, student
 
 
 def _count(model: Any) -> int:
@@ -116,7 +120,9 @@ def _count(model: Any) -> int:
 
 
 def prepare_output_dir(cfg: DictConfig) -> Path:
-    """Create the run folder (default ``runs/<recipe>-<timestamp>``) and save the resolved config in it."""
+    """Create the run folder (default ``runs/<recipe>-<timestamp>``, or ``-<job id>`` under SLURM) and save the
+    resolved config in it. Every recipe starts here, so the trainer's scale settings are checked here first."""
+    _trainer_strategy(cfg)
     if cfg.output_dir is None:  # the same folder for every rank: ranks started later inherit the variable
         job = os.environ.get("SLURM_JOB_ID")
         default = f"runs/{cfg.recipe}-{job}" if job else f"runs/{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -145,11 +151,10 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
     callbacks: list = [ckpt]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
-    t = cfg.trainer
-    strategy = build_strategy(str(t.get("strategy", "auto")), str(t.get("accelerator", "auto")), t.get("devices", 1))
     return instantiate(
         cfg.trainer,
-        strategy=strategy,
+        strategy=_trainer_strategy(cfg),
+        precision=resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.get("accelerator", "auto"))),
         use_distributed_sampler=False,  # the datamodule shards its own resumable order (ResumableSampler)
         default_root_dir=str(out),
         callbacks=callbacks,
@@ -158,9 +163,16 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
     )
 
 
+def _trainer_strategy(cfg: DictConfig) -> Any:
+    t = cfg.trainer
+    return build_strategy(str(t.get("strategy", "auto")), str(t.get("accelerator", "auto")), t.get("devices", 1))
+
+
 def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
     """A CSV log always; W&B online when an API key is set, offline otherwise (or when online fails), or off."""
-    loggers: list[Logger] = [CSVLogger(str(out), name="logs", version="")]
+    resumed = resolve_resume(cfg.resume, out / "checkpoints") is not None
+    csv_logger = ResumedCSVLogger if resumed else CSVLogger
+    loggers: list[Logger] = [csv_logger(str(out), name="logs", version="")]
     mode = cfg.logger.wandb.mode
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
@@ -181,10 +193,17 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
 
 def _wandb_logger(cfg: DictConfig, out: Path, mode: str) -> WandbLogger:
     wb = cfg.logger.wandb
+    job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID"))
+    if job and "SLURM_ARRAY_TASK_ID" in os.environ:
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    # under SLURM one W&B run per job: named after the recipe and job id, which a requeued attempt continues
+    run_id = f"{cfg.recipe}-{job}" if job else None
     return WandbLogger(
         project=wb.project,
         entity=wb.entity,
-        name=wb.name or out.name,
+        name=wb.name or run_id or out.name,
+        id=run_id,
+        resume="allow" if run_id else None,
         save_dir=str(out),
         mode=mode,
         config=OmegaConf.to_container(cfg, resolve=True),

@@ -61,6 +61,30 @@ def build_strategy(name: str, accelerator: str = "auto", devices: int | str = "a
     raise UserError(f"trainer.strategy '{name}' is unknown; choose {', '.join(CHOICES)}")
 
 
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """``auto``: ``bf16-mixed`` where the hardware runs bfloat16 fast (a CUDA GPU with bf16; a CPU with AMX or
+    AVX512-BF16), else ``32-true``; one log line says which and why. Other values are used as given."""
+    on_gpu = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    fast_bf16 = torch.cuda.is_bf16_supported() if on_gpu else _cpu_has_fast_bf16()
+    device = "CUDA GPU" if on_gpu else "CPU"
+    if precision == "auto":
+        choice = "bf16-mixed" if fast_bf16 else "32-true"
+        log.info("precision: %s (%s %s bfloat16 support)", choice, device, "with" if fast_bf16 else "without fast")
+        return choice
+    if precision.startswith("bf16") and not fast_bf16:
+        log.warning("precision %s on a %s without fast bfloat16 runs many times slower than 32-true (auto)",
+                    precision, device)  # fmt: skip
+    return precision
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
+
+
 def check_loss_impl(strategy: str, impl: str) -> None:
     """The fused-linear loss reads the lm_head weights whole: not where parameters exist only as shards."""
     if impl == "fused_linear" and (strategy in SHARDED or strategy.endswith(".json")):

@@ -27,11 +27,11 @@ from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
 from distillprune.models import export, load_model, load_tokenizer, shared_vocab_size
 from distillprune.pipeline import prepare_output_dir, train, write_metrics
-from distillprune.strategies import check_loss_impl
 from distillprune.prune.groups import adapter_for, layer_widths
 from distillprune.prune.importance import score
 from distillprune.prune.magnitude import check_sparsity, finalize, magnitude_prune, sparsity_of
 from distillprune.prune.surgery import apply, plan, select
+from distillprune.strategies import check_loss_impl
 
 
 def prune_lora(cfg: DictConfig) -> dict[str, Any]:
@@ -152,7 +152,9 @@ def _lora(cfg, model, dense, loss, data, out) -> PreTrainedModel:
         ),
     )
     if cfg.trainer.max_steps > 0:
-        *_, peft_model = train(cfg, peft_model, None, None, data, out, system_overrides={"kd_weight": 0.0, "lmbda": 0.0})
+        *_, peft_model = train(
+            cfg, peft_model, None, None, data, out, system_overrides={"kd_weight": 0.0, "lmbda": 0.0}
+        )
     return peft_model.merge_and_unload() if peft_model is not None else None
 
 

@@ -1,0 +1,208 @@
+"""SLURM submission: rendered job scripts for several layouts, one-line errors before submitting, and real jobs on
+a local two-node cluster (slurm/local/setup.sh; skipped with the reason where it cannot be installed): a 2-node
+DDP training job, and a job requeued mid-run with ``scontrol requeue`` that ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, tiny_overrides
+
+SLURM_ROOT = Path(os.environ.get("DISTILLPRUNE_SLURM_ROOT", "/tmp/slurm"))
+
+
+def submit(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m distillprune.slurm ARGS`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "distillprune.slurm", *args],
+        cwd=cwd or ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _dry(*args: str) -> str:
+    done = submit("recipe=logit_distill", "slurm.dry_run=true", *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_dry_run_layouts(tmp_path: Path) -> None:
+    gpus = _dry("slurm.nodes=4", "slurm.gpus_per_node=8", "slurm.partition=a100", "slurm.time=2:00:00",
+                "trainer.strategy=deepspeed_stage_3", "trainer.max_steps=10")  # fmt: skip
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=a100", "#SBATCH --time=2:00:00", "#SBATCH --signal=SIGUSR1@90",
+                 "#SBATCH --requeue", "#SBATCH --open-mode=append"):  # fmt: skip
+        assert line + "\n" in gpus
+    srun = gpus[gpus.index("srun ") :]
+    for arg in ("recipe=logit_distill", "trainer.strategy=deepspeed_stage_3", "trainer.max_steps=10",
+                "trainer.num_nodes=$SLURM_NNODES", "trainer.devices=8", "resume=auto", "-$SLURM_JOB_ID"):  # fmt: skip
+        assert arg in srun
+    assert "trainer.accelerator=cpu" not in srun
+
+    setup = tmp_path / "env.sh"
+    setup.write_text("module load cuda/12.4\nsource /opt/venv/bin/activate\n")
+    cpus = _dry("slurm.nodes=2", "slurm.tasks_per_node=3", "slurm.cpus_per_task=4", f"slurm.setup_file={setup}",
+                "slurm.setup=[export HF_HOME=/scratch/hf]", f"output_dir={tmp_path / 'run'}")  # fmt: skip
+    assert "#SBATCH --ntasks-per-node=3\n" in cpus and "#SBATCH --cpus-per-task=4\n" in cpus
+    assert "--gpus-per-node" not in cpus
+    srun = cpus[cpus.index("srun ") :]
+    assert "trainer.devices=3" in srun and "trainer.accelerator=cpu" in srun and f"output_dir={tmp_path}/run" in srun
+    lines = cpus.splitlines()
+    assert lines.index("export HF_HOME=/scratch/hf") < lines.index("module load cuda/12.4") < cpus.count("\n")
+    assert max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) < lines.index("set -euo pipefail")
+
+    one = _dry()  # defaults: 1 node, 1 CPU task
+    assert "#SBATCH --nodes=1\n" in one and "trainer.devices=1" in one
+
+
+BAD = {
+    ("slurm.nodes=0",): "error: slurm.nodes=0: a job needs at least 1 node",
+    ("slurm.node=2",): "error: unknown key 'slurm.node'; did you mean 'slurm.nodes'?",
+    ("slurm.nodes=two",): "error: slurm.nodes expects int, got 'two'",
+    ("trainer.max_stepz=5",): "error: unknown key 'trainer.max_stepz'; did you mean 'trainer.max_steps'",
+}
+
+
+@pytest.mark.parametrize("args", sorted(BAD))
+def test_bad_input_is_one_line(args: tuple[str, ...]) -> None:
+    done = submit("recipe=logit_distill", "slurm.dry_run=true", *args)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(BAD[args])
+
+
+def test_missing_recipe_and_missing_sbatch(tmp_path: Path) -> None:
+    done = submit("recipe=no_such_recipe", "slurm.nodes=2")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
+        "error: unknown recipe 'no_such_recipe'; available recipes: "
+    )
+    bare = tmp_path / "bin"
+    bare.mkdir()  # a PATH with no SLURM client on it
+    done = submit("recipe=logit_distill", "slurm.nodes=2", env={"PATH": str(bare)})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: sbatch is not installed (no SLURM client on PATH); slurm.dry_run=true prints the script"
+    )
+
+
+# ------------------------------------------------------------------------------------------- a real cluster
+
+
+@pytest.fixture(scope="session")
+def cluster() -> dict[str, str]:
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (slurmd launches jobs)")
+    env = {**os.environ, "SLURM_ROOT": str(SLURM_ROOT), "SLURM_SMOKE": "0"}
+    done = subprocess.run(["bash", str(ROOT / "slurm/local/setup.sh")], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        pytest.skip(f"SLURM could not be installed or started here: {reason}")
+    started = "already running" not in done.stdout
+    yield {"SLURM_CONF": str(SLURM_ROOT / "etc/slurm.conf")}
+    if started:  # stop exactly what this session started
+        subprocess.run(["bash", str(ROOT / "slurm/local/teardown.sh")], env=env, capture_output=True)
+
+
+def _job_state(job: str, env: dict[str, str]) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env={**os.environ, **env}, capture_output=True,
+                         text=True).stdout  # fmt: skip
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _wait(job: str, env: dict[str, str], timeout: float = 400) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _job_state(job, env)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(0.25)
+    raise AssertionError(f"job {job} did not finish in {timeout} s: {_job_state(job, env)}")
+
+
+def _submit_job(cluster: dict, model: Path, text: Path, out: Path, steps: int, cwd: Path) -> str:
+    args = [a for a in tiny_overrides(model, text, out, steps=steps) if not a.startswith("trainer.accelerator")]
+    done = submit("recipe=logit_distill", "slurm.nodes=2", "slurm.tasks_per_node=1", "slurm.time=10",
+                  *args, "checkpoint.every_n_steps=5", "trainer.val_check_interval=5", "system.warmup_steps=1",
+                  "logger.wandb.mode=offline", cwd=cwd, env=cluster)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "log:" in done.stdout and "output:" in done.stdout
+    return done.stdout.split("submitted job ")[1].split()[0]
+
+
+def _last_loss(out: Path) -> tuple[int, float]:
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return int(rows[-1]["step"]), float(rows[-1]["train/loss"])
+
+
+STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def straight_job(cluster, tiny_model_dir: Path, tiny_text_file: Path, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("slurm-straight")
+    job = _submit_job(cluster, tiny_model_dir, tiny_text_file, cwd / "run", STEPS, cwd)
+    state = _wait(job, cluster)
+    log = (cwd / "runs/slurm" / f"distillprune-logit_distill-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    return cwd / "run"
+
+
+def test_two_node_ddp_job(straight_job: Path) -> None:
+    metrics = json.loads((straight_job / "metrics.json").read_text())
+    assert metrics["steps"] == STEPS and metrics["world_size"] == 2  # both ranks trained, one per node
+    assert metrics["student"]["val_loss"] < metrics["student_init"]["val_loss"]
+    model = AutoModelForCausalLM.from_pretrained(straight_job / "final")
+    assert model(torch.arange(4, 12)[None]).logits.isfinite().all()
+    runs = list((straight_job / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].name.endswith("-logit_distill-" + runs[0].name.split("-logit_distill-")[1])
+
+
+def test_requeued_job_resumes_to_the_same_end(
+    cluster, straight_job: Path, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    job = _submit_job(cluster, tiny_model_dir, tiny_text_file, out, STEPS, tmp_path)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step000010.ckpt").exists():  # mid-run: requeue it
+        assert time.monotonic() < deadline, "the job never reached step 10"
+        assert _job_state(job, cluster).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.05)
+    subprocess.run(["scontrol", "requeue", job], env={**os.environ, **cluster}, check=True)
+    state = _wait(job, cluster)
+    log = (tmp_path / "runs/slurm" / f"distillprune-logit_distill-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert int(state["Restarts"]) == 1 and "(restart 1)" in log  # the same job ran twice, appending its log
+    assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
+
+    step, loss = _last_loss(out)
+    want_step, want_loss = _last_loss(straight_job)
+    assert step == want_step == STEPS - 1 and loss == pytest.approx(want_loss, rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(straight_job / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    runs = sorted((out / "wandb").glob("offline-run-*"))  # both attempts log to the one W&B run of the job
+    assert len(runs) == 2 and len({r.name.split("-", 3)[-1] for r in runs}) == 1
+
+
+def test_gpus_the_partition_cannot_give(cluster) -> None:
+    done = submit("recipe=logit_distill", "slurm.nodes=2", "slurm.gpus_per_node=2", env=cluster)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: slurm.gpus_per_node=2 but partition debug offers 0 GPU(s) per node; use at most 0 "
+        "(slurm.gpus_per_node=0 runs on CPUs)"
+    )
+    done = submit("recipe=logit_distill", "slurm.nodes=3", env=cluster)
+    assert done.stderr.strip().splitlines()[-1] == "error: slurm.nodes=3 but partition debug has 2 node(s)"

@@ -1,0 +1,153 @@
+"""Multi-process training on the CPU, each run a ``python train.py`` subprocess (never ``strategy="ddp"`` inside
+pytest's own process): DDP, DeepSpeed ZeRO-2 and ZeRO-3, and FSDP2 with 2 ranks each give the losses and the
+exported weights of one process on the same global batch, through a checkpoint and a resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import run_train, tiny_overrides
+from distillprune.data import ResumableSampler
+from distillprune.errors import UserError
+from distillprune.strategies import FSDP2, DeepSpeed, build_strategy
+
+needs_two_cores = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU processes need two cores")
+
+
+def _losses(out: Path) -> dict[int, float]:
+    with open(out / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def _train_twice(model_dir: Path, text: Path, out: Path, batch: int, *extra: str) -> Path:
+    """4 steps, then a resume from the step-4 checkpoint to step 6: the path a stopped job takes."""
+    common = ["recipe=logit_distill", "system.warmup_steps=1", f"data.batch_size={batch}", "data.val_batches=1"]
+    run_train(*common, *tiny_overrides(model_dir, text, out, steps=4), *extra)
+    run_train(*common, *tiny_overrides(model_dir, text, out, steps=6), "resume=auto", *extra)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir: Path, tiny_text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train_twice(tiny_model_dir, tiny_text_file, tmp_path_factory.mktemp("single") / "run", 4)
+
+
+MULTI = {  # strategy -> the other settings it runs with (each KD implementation and teacher placement once)
+    "ddp": ["loss.impl=fused_linear", "system.teacher_on_cpu=true"],
+    "deepspeed_stage_2": ["loss.impl=chunked"],
+    "deepspeed_stage_3": ["loss.impl=chunked"],
+    "fsdp": [],
+}
+
+
+@needs_two_cores
+@pytest.mark.parametrize("strategy", sorted(MULTI))
+def test_two_ranks_equal_one_process_through_resume(
+    strategy: str, single: Path, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    out = _train_twice(
+        tiny_model_dir, tiny_text_file, tmp_path / strategy, 2,
+        f"trainer.strategy={strategy}", "trainer.devices=2", *MULTI[strategy],
+    )  # fmt: skip
+    want, got = _losses(single), _losses(out)
+    assert sorted(got) == list(range(6))  # steps 0-3, then 4-5 after the resume
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
+
+    ckpt = out / "checkpoints"
+    assert (ckpt / "last.ckpt").resolve().name == "step000006.ckpt"
+    assert not list(ckpt.glob("*.tmp"))
+    if strategy != "ddp":  # ZeRO and FSDP checkpoints are folders of per-rank shards
+        assert (ckpt / "step000006.ckpt").is_dir()
+
+    a = AutoModelForCausalLM.from_pretrained(single / "final")
+    b = AutoModelForCausalLM.from_pretrained(out / "final")  # consolidated on rank 0: a plain HF folder
+    assert next(b.parameters()).dtype == torch.float32
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sampler_shards_the_single_process_order() -> None:
+    one = list(ResumableSampler(11, seed=3))
+    ranks = [list(ResumableSampler(11, seed=3, rank=r, world=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5  # the odd tail is dropped, so ranks stay in step
+    batches = [sorted(ranks[0][i : i + 2] + ranks[1][i : i + 2]) for i in (0, 2)]
+    assert batches == [sorted(one[0:4]), sorted(one[4:8])]  # rank batches of 2 make the batches of 4
+    resumed = ResumableSampler(11, seed=3, rank=1, world=2)
+    resumed.skip = 2
+    assert list(resumed) == ranks[1][2:]
+
+
+def test_strategy_names() -> None:
+    assert build_strategy("auto") == "auto" and build_strategy("ddp", "cpu", 2) == "ddp"
+    zero3 = build_strategy("deepspeed_stage_3", "cpu", 2)
+    assert isinstance(zero3, DeepSpeed) and zero3.config["zero_optimization"]["stage"] == 3
+    assert zero3.exclude_frozen_parameters  # the frozen teacher is never written to checkpoints
+    assert isinstance(build_strategy("fsdp", "cpu", 2), FSDP2)
+
+
+def test_deepspeed_json_passthrough(tmp_path: Path) -> None:
+    config = tmp_path / "ds.json"
+    config.write_text('{"zero_optimization": {"stage": 2, "overlap_comm": false}, "train_micro_batch_size_per_gpu": 2}')
+    strategy = build_strategy(str(config), "cpu", 1)
+    assert strategy.config["zero_optimization"] == {"stage": 2, "overlap_comm": False}
+
+
+def test_offload_without_cpu_adam_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deepspeed.git_version_info as info
+
+    monkeypatch.setitem(info.installed_ops, "cpu_adam", False)
+    monkeypatch.setattr("shutil.which", lambda name: None)  # a machine without ninja cannot build it either
+    with pytest.raises(UserError, match="needs DeepSpeed's cpu_adam op"):
+        build_strategy("deepspeed_stage_2_offload", "cpu", 1)
+
+
+BAD = {
+    "trainer.strategy=deepspeed_stage_4": "error: trainer.strategy 'deepspeed_stage_4' is unknown; choose auto, ddp, "
+    "deepspeed_stage_1, deepspeed_stage_2, deepspeed_stage_2_offload, deepspeed_stage_3, deepspeed_stage_3_offload, "
+    "fsdp, a DeepSpeed config .json",
+    "trainer.devices=4096": "error: trainer.devices=4096 CPU processes but this machine has",
+    "trainer.strategy=missing.json": "error: trainer.strategy=missing.json: no such DeepSpeed config file",
+    "teacher.attn_implementation=flash_attention_2": "error: attn_implementation=flash_attention_2 needs flash-attn",
+}
+
+
+@pytest.mark.parametrize("override", sorted(BAD))
+def test_bad_scale_settings_are_one_line_errors(
+    override: str, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    done = run_train("recipe=logit_distill", *tiny_overrides(tiny_model_dir, tiny_text_file, tmp_path), override,
+                     check=False)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(BAD[override])
+
+
+def test_fused_linear_under_zero3_says_what_to_use(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    args = tiny_overrides(tiny_model_dir, tiny_text_file, tmp_path)
+    done = run_train("recipe=logit_distill", *args, "trainer.strategy=deepspeed_stage_3", "loss.impl=fused_linear",
+                     check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: loss.impl=fused_linear needs whole lm_head weights; under trainer.strategy=deepspeed_stage_3 use "
+        "loss.impl=chunked (or deepspeed_stage_2 / ddp for fused_linear)"
+    )
+
+
+def test_bf16_true_gradient_checkpointing_and_fused_loss(
+    tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "bf16"
+    run_train(
+        "recipe=logit_distill", *tiny_overrides(tiny_model_dir, tiny_text_file, out),
+        "trainer.precision=bf16-true", "student.gradient_checkpointing=true", "loss.impl=fused_linear",
+    )  # fmt: skip
+    losses = _losses(out)
+    assert len(losses) == 4 and all(0 < v < 20 for v in losses.values())
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert final(torch.arange(3, 9)[None]).logits.isfinite().all()
