@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, tiny_overrides
+from distillprune.slurm import main
 
 SLURM_ROOT = Path(os.environ.get("DISTILLPRUNE_SLURM_ROOT", "/tmp/slurm"))
 
@@ -33,14 +34,21 @@ def submit(*args: str, cwd: Path | None = None, env: dict | None = None) -> subp
     )
 
 
-def _dry(*args: str) -> str:
-    done = submit("recipe=logit_distill", "slurm.dry_run=true", *args)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+def _main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """The submit command in this process (fast: no interpreter start-up); the cluster tests run it as users do."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_dry_run_layouts(tmp_path: Path) -> None:
-    gpus = _dry("slurm.nodes=4", "slurm.gpus_per_node=8", "slurm.partition=a100", "slurm.time=2:00:00",
+def _dry(capsys: pytest.CaptureFixture, *args: str) -> str:
+    code, out, err = _main(capsys, "recipe=logit_distill", "slurm.dry_run=true", *args)
+    assert code == 0, err
+    return out
+
+
+def test_dry_run_layouts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gpus = _dry(capsys, "slurm.nodes=4", "slurm.gpus_per_node=8", "slurm.partition=a100", "slurm.time=2:00:00",
                 "trainer.strategy=deepspeed_stage_3", "trainer.max_steps=10")  # fmt: skip
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=a100", "#SBATCH --time=2:00:00", "#SBATCH --signal=SIGUSR1@90",
@@ -54,7 +62,7 @@ def test_dry_run_layouts(tmp_path: Path) -> None:
 
     setup = tmp_path / "env.sh"
     setup.write_text("module load cuda/12.4\nsource /opt/venv/bin/activate\n")
-    cpus = _dry("slurm.nodes=2", "slurm.tasks_per_node=3", "slurm.cpus_per_task=4", f"slurm.setup_file={setup}",
+    cpus = _dry(capsys, "slurm.nodes=2", "slurm.tasks_per_node=3", "slurm.cpus_per_task=4", f"slurm.setup_file={setup}",
                 "slurm.setup=[export HF_HOME=/scratch/hf]", f"output_dir={tmp_path / 'run'}")  # fmt: skip
     assert "#SBATCH --ntasks-per-node=3\n" in cpus and "#SBATCH --cpus-per-task=4\n" in cpus
     assert "--gpus-per-node" not in cpus
@@ -64,7 +72,7 @@ def test_dry_run_layouts(tmp_path: Path) -> None:
     assert lines.index("export HF_HOME=/scratch/hf") < lines.index("module load cuda/12.4") < cpus.count("\n")
     assert max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) < lines.index("set -euo pipefail")
 
-    one = _dry()  # defaults: 1 node, 1 CPU task
+    one = _dry(capsys)  # defaults: 1 node, 1 CPU task
     assert "#SBATCH --nodes=1\n" in one and "trainer.devices=1" in one
 
 
@@ -77,22 +85,21 @@ BAD = {
 
 
 @pytest.mark.parametrize("args", sorted(BAD))
-def test_bad_input_is_one_line(args: tuple[str, ...]) -> None:
-    done = submit("recipe=logit_distill", "slurm.dry_run=true", *args)
-    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(BAD[args])
+def test_bad_input_is_one_line(args: tuple[str, ...], capsys: pytest.CaptureFixture) -> None:
+    code, _, err = _main(capsys, "recipe=logit_distill", "slurm.dry_run=true", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(BAD[args])
 
 
-def test_missing_recipe_and_missing_sbatch(tmp_path: Path) -> None:
-    done = submit("recipe=no_such_recipe", "slurm.nodes=2")
-    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
-        "error: unknown recipe 'no_such_recipe'; available recipes: "
-    )
-    bare = tmp_path / "bin"
-    bare.mkdir()  # a PATH with no SLURM client on it
-    done = submit("recipe=logit_distill", "slurm.nodes=2", env={"PATH": str(bare)})
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
-        "error: sbatch is not installed (no SLURM client on PATH); slurm.dry_run=true prints the script"
+def test_missing_recipe_and_missing_sbatch(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = _main(capsys, "recipe=no_such_recipe", "slurm.nodes=2")
+    assert code == 2 and err.startswith("error: unknown recipe 'no_such_recipe'; available recipes: ")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no SLURM client on it
+    code, _, err = _main(capsys, "recipe=logit_distill", "slurm.nodes=2")
+    assert code == 2
+    assert (
+        err.strip() == "error: sbatch is not installed (no SLURM client on PATH); slurm.dry_run=true prints the script"
     )
 
 
@@ -206,3 +213,22 @@ def test_gpus_the_partition_cannot_give(cluster) -> None:
     )
     done = submit("recipe=logit_distill", "slurm.nodes=3", env=cluster)
     assert done.stderr.strip().splitlines()[-1] == "error: slurm.nodes=3 but partition debug has 2 node(s)"
+
+
+def test_pre_timeout_signal_checkpoints_and_requeues(
+    cluster, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    # what SLURM sends 90 s before the time limit (--signal=SIGUSR1@90), sent now to every task of the job
+    out = tmp_path / "run"
+    job = _submit_job(cluster, tiny_model_dir, tiny_text_file, out, STEPS, tmp_path)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step000010.ckpt").exists():
+        assert time.monotonic() < deadline, "the job never reached step 10"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", job], env={**os.environ, **cluster}, check=True)
+    state = _wait(job, cluster)
+    log = (tmp_path / "runs/slurm" / f"distillprune-logit_distill-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert int(state["Restarts"]) == 1 and "Requeued SLURM job" in log and "(restart 1)" in log
+    assert list(out.glob("hpc_ckpt_*.ckpt"))  # written on the signal, resumed from by the requeued attempt
+    assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
