@@ -157,28 +157,30 @@ STEPS = 150
 
 
 @pytest.fixture(scope="session")
-def straight_job(cluster, tiny_model_dir: Path, tiny_text_file: Path, tmp_path_factory) -> Path:
+def straight_job(cluster, tiny_model_dir: Path, tiny_text_file: Path, tmp_path_factory) -> tuple[Path, str]:
     cwd = tmp_path_factory.mktemp("slurm-straight")
     job = _submit_job(cluster, tiny_model_dir, tiny_text_file, cwd / "run", STEPS, cwd)
     state = _wait(job, cluster)
     log = (cwd / "runs/slurm" / f"distillprune-logit_distill-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
-    return cwd / "run"
+    return cwd / "run", job
 
 
-def test_two_node_ddp_job(straight_job: Path) -> None:
+def test_two_node_ddp_job(straight_job: tuple[Path, str]) -> None:
+    straight_job, job = straight_job
     metrics = json.loads((straight_job / "metrics.json").read_text())
     assert metrics["steps"] == STEPS and metrics["world_size"] == 2  # both ranks trained, one per node
     assert metrics["student"]["val_loss"] < metrics["student_init"]["val_loss"]
     model = AutoModelForCausalLM.from_pretrained(straight_job / "final")
     assert model(torch.arange(4, 12)[None]).logits.isfinite().all()
-    runs = list((straight_job / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and runs[0].name.endswith("-logit_distill-" + runs[0].name.split("-logit_distill-")[1])
+    runs = list((straight_job / "wandb").glob("offline-run-*"))  # one W&B run, from rank 0, keyed by the job
+    assert len(runs) == 1 and runs[0].name.endswith(f"-logit_distill-{job}")
 
 
 def test_requeued_job_resumes_to_the_same_end(
-    cluster, straight_job: Path, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+    cluster, straight_job: tuple[Path, str], tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
 ) -> None:
+    straight_job, _ = straight_job
     out = tmp_path / "run"
     job = _submit_job(cluster, tiny_model_dir, tiny_text_file, out, STEPS, tmp_path)
     deadline = time.monotonic() + 300
@@ -201,7 +203,7 @@ def test_requeued_job_resumes_to_the_same_end(
     for name, value in a.items():
         torch.testing.assert_close(b[name], value, rtol=1e-5, atol=1e-6, msg=name)
     runs = sorted((out / "wandb").glob("offline-run-*"))  # both attempts log to the one W&B run of the job
-    assert len(runs) == 2 and len({r.name.split("-", 3)[-1] for r in runs}) == 1
+    assert len(runs) == 2 and all(r.name.endswith(f"-logit_distill-{job}") for r in runs)
 
 
 def test_gpus_the_partition_cannot_give(cluster) -> None:

@@ -11,10 +11,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from distillprune.config import load_recipe, locate, recipe_listing
 from distillprune.errors import UserError
+from distillprune.pipeline import default_output_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 bad input)."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(recipe_listing())
@@ -22,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         cfg = load_recipe(argv)
+        if cfg.output_dir is None:
+            cfg.output_dir = default_output_dir(cfg.recipe)
+            if from_command_line:  # ranks that a launcher starts later re-run this command: the same folder
+                sys.argv.append(f"output_dir={cfg.output_dir}")
         locate(cfg._target_)(cfg)
     except (UserError, MisconfigurationException) as err:
         print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)

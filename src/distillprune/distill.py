@@ -97,8 +97,7 @@ class DistillSystem(L.LightningModule):
         self.teacher = frozen(teacher) if teacher is not None and not teacher_on_cpu else None
         # a list hides a CPU teacher from the module tree, so no strategy moves, wraps or shards it
         self._cpu_teacher = [frozen(teacher).cpu()] if teacher is not None and teacher_on_cpu else []
-        self.kd_loss = loss
-        self._objective = loss if loss is not None else ForwardKL()  # CE alone: only its impl is used
+        self.kd_loss = loss if loss is not None else ForwardKL()  # CE-only training uses only its impl
         self.kd_weight = kd_weight
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
@@ -180,7 +179,7 @@ class DistillSystem(L.LightningModule):
             batch = self._student_samples(batch)
         kd_weight = 1.0 if on_policy else self.kd_weight  # the student's own samples are no ground truth (GKD)
         teacher = self._teacher() if kd_weight > 0 else None
-        fused = self._objective.impl == "fused_linear"
+        fused = self.kd_loss.impl == "fused_linear"
         student_out, labels = shifted(self._run(self.student, batch, "", fused), batch["labels"])  # [B, T-1, V|H]
         keep = labels != IGNORE_INDEX
         s_sel, targets = student_out[keep], labels[keep]  # [N, V|H], [N]
@@ -197,9 +196,9 @@ class DistillSystem(L.LightningModule):
             heads = [m.get_output_embeddings().weight if m is not None else None for m in (self.student, teacher)]
             if heads[1] is not None:
                 heads[1] = heads[1].to(s_sel.device)
-            total, ce, kd = kd_ce_fused_linear(self._objective, s_sel, heads[0], t_sel, heads[1], targets, kd_weight)
+            total, ce, kd = kd_ce_fused_linear(self.kd_loss, s_sel, heads[0], t_sel, heads[1], targets, kd_weight)
         else:
-            total, ce, kd = kd_ce(self._objective, s_sel, t_sel, targets, kd_weight)
+            total, ce, kd = kd_ce(self.kd_loss, s_sel, t_sel, targets, kd_weight)
         parts = {"ce": ce} | ({"kd": kd} if teacher is not None else {})
         if self.lmbda > 0:
             parts["on_policy"] = torch.tensor(float(on_policy))

@@ -123,10 +123,8 @@ def prepare_output_dir(cfg: DictConfig) -> Path:
     """Create the run folder (default ``runs/<recipe>-<timestamp>``, or ``-<job id>`` under SLURM) and save the
     resolved config in it. Every recipe starts here, so the trainer's scale settings are checked here first."""
     _trainer_strategy(cfg)
-    if cfg.output_dir is None:  # the same folder for every rank: ranks started later inherit the variable
-        job = os.environ.get("SLURM_JOB_ID")
-        default = f"runs/{cfg.recipe}-{job}" if job else f"runs/{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
-        cfg.output_dir = os.environ.setdefault("DISTILLPRUNE_RUN_DIR", default)
+    if cfg.output_dir is None:
+        cfg.output_dir = default_output_dir(cfg.recipe)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
@@ -134,6 +132,13 @@ def prepare_output_dir(cfg: DictConfig) -> Path:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         os.replace(tmp, out / "config.yaml")
     return out
+
+
+def default_output_dir(recipe: str) -> str:
+    """``runs/<recipe>-<SLURM job id>`` in a SLURM job (the same for every task and every requeued attempt),
+    else ``runs/<recipe>-<timestamp>``."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"runs/{recipe}-{job}" if job else f"runs/{recipe}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
