@@ -46,27 +46,18 @@ def main() -> None:
     rows = []
     for cell in args.grid.split(","):
         hidden, vocab = (int(x) for x in cell.split(":"))
-        tokens = args.tokens
-        while tokens >= 256:  # where dense cannot run at --tokens, all three also run at the largest N it fits
+        fits = args.tokens  # where dense cannot run at --tokens, all three also run at the largest N it fits
+        while fits > 256 and _dense_mb(fits, vocab) > 0.85 * _available_mb():
+            fits //= 2
+        for tokens in dict.fromkeys([args.tokens, fits]):
             for impl in IMPLS:
-                need_mb = DENSE_BYTES_PER_LOGIT * tokens * vocab / 2**20
-                if impl == "dense" and need_mb > 0.85 * _available_mb():
-                    row = {
-                        "impl": impl,
-                        "vocab": vocab,
-                        "hidden": hidden,
-                        "tokens": tokens,
-                        "peak_mb": None,
-                        "time_s": None,
-                        "note": f"not run: needs ~{need_mb:,.0f} MB, {_available_mb():,.0f} free",
-                    }
+                if impl == "dense" and _dense_mb(tokens, vocab) > 0.85 * _available_mb():
+                    note = f"not run: needs ~{_dense_mb(tokens, vocab):,.0f} MB, {_available_mb():,.0f} free"
+                    row = _row(impl, vocab, hidden, tokens, note=note)
                 else:
                     row = _run_child(impl, vocab, hidden, tokens)
                 rows.append(row)
                 print(_format(row), flush=True)
-            if rows[-3]["peak_mb"] is not None:
-                break
-            tokens //= 2
     _summary(rows)
     RESULTS.mkdir(exist_ok=True)
     out = {
@@ -101,19 +92,21 @@ def _measure(impl: str, vocab: int, hidden: int, tokens: int) -> dict:
             "time_s": round(seconds, 3), "loss": round(total.item(), 6)}  # fmt: skip
 
 
+def _row(impl: str, vocab: int, hidden: int, tokens: int, **values) -> dict:
+    return {"impl": impl, "vocab": vocab, "hidden": hidden, "tokens": tokens, "peak_mb": None, "time_s": None,
+            **values}  # fmt: skip
+
+
+def _dense_mb(tokens: int, vocab: int) -> float:
+    return DENSE_BYTES_PER_LOGIT * tokens * vocab / 2**20
+
+
 def _run_child(impl: str, vocab: int, hidden: int, tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--one", impl, str(vocab), str(hidden), str(tokens)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        return {
-            "impl": impl,
-            "vocab": vocab,
-            "hidden": hidden,
-            "tokens": tokens,
-            "peak_mb": None,
-            "time_s": None,
-            "note": f"failed ({done.returncode}): {(done.stderr.strip().splitlines() or ['killed'])[-1]}",
-        }
+        why = (done.stderr.strip().splitlines() or ["killed"])[-1]
+        return _row(impl, vocab, hidden, tokens, note=f"failed ({done.returncode}): {why}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

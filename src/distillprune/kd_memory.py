@@ -22,7 +22,7 @@ from torch import Tensor
 from distillprune.losses import Divergence
 
 _AUTO_CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk when chunk_size is 0 ...
-_MIN_AUTO_ROWS = 256  # ... but no fewer rows than this: the head-gradient matmul stays compute-bound
+_MIN_AUTO_ROWS = 128  # ... but no fewer rows than this: the head-gradient matmul stays compute-bound
 
 
 def kd_ce(

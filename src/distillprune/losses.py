@@ -30,7 +30,7 @@ class Divergence(nn.Module):
             time) or ``fused_linear`` (logits computed chunk by chunk from the last hidden states and the lm_head
             weights, never [N, V] at all). All three give the same value and gradient.
         chunk_size: rows per chunk for the chunked paths; 0 sizes chunks to about 32 MiB of float32 logits
-            (at least 256 rows).
+            (at least 128 rows).
     """
 
     def __init__(
