@@ -234,3 +234,15 @@ def test_pre_timeout_signal_checkpoints_and_requeues(
     assert int(state["Restarts"]) == 1 and "Requeued SLURM job" in log and "(restart 1)" in log
     assert list(out.glob("hpc_ckpt_*.ckpt"))  # written on the signal, resumed from by the requeued attempt
     assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
+
+
+def test_recipe_slurm_section_gives_defaults(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = tmp_path / "cluster_kd.yaml"
+    recipe.write_text(
+        (ROOT / "recipes/logit_distill.yaml").read_text()
+        + "\nslurm:\n  nodes: 2\n  gpus_per_node: 4\n  setup: [module load cuda/12.4]\n"
+    )
+    script = _dry(capsys, f"recipe={recipe}", "slurm.gpus_per_node=2")  # the command line wins
+    assert "#SBATCH --nodes=2\n" in script and "#SBATCH --gpus-per-node=2\n" in script
+    assert "module load cuda/12.4\n" in script and "trainer.devices=2" in script
+    assert "slurm." not in script[script.index("srun ") :]  # job settings never reach train.py

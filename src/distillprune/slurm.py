@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from distillprune.config import load_recipe
 from distillprune.errors import UserError
@@ -76,7 +77,8 @@ def prepare(argv: list[str]) -> tuple[str, _Job | None]:
     slurm_args = [a for a in argv if a.startswith("slurm.")]
     recipe_args = [a for a in argv if not a.startswith("slurm.")]
     cfg = load_recipe(recipe_args)  # unknown recipe or key, wrong type: an error before anything is submitted
-    options = _options(cfg.get("slurm") or {}, slurm_args)
+    section = cfg.get("slurm")  # a recipe may carry the job's defaults
+    options = _options(OmegaConf.to_container(section) if section is not None else {}, slurm_args)
     if options.nodes < 1:
         raise UserError(f"slurm.nodes={options.nodes}: a job needs at least 1 node")
     if options.gpus_per_node < 0 or options.tasks_per_node < 1:
