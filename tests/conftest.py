@@ -131,6 +131,14 @@ def run_train(*args: str, cwd: Path | None = None, check: bool = True) -> subpro
     return done
 
 
+# the evaluation stage at the size of a tiny model: short windows and generations, no lm-eval (tested on its own)
+TINY_EVAL = [
+    "evaluate.text.context=32", "evaluate.text.stride=16", "evaluate.text.max_tokens=256",
+    "evaluate.speed.batch_sizes=[1,4]", "evaluate.speed.prompt_tokens=8", "evaluate.speed.new_tokens=4",
+    "evaluate.speed.repeats=1", "evaluate.zero_shot.tasks=[]",
+]  # fmt: skip
+
+
 def tiny_overrides(model_dir: Path, data_file: Path, out: Path, steps: int = 4) -> list[str]:
     """Overrides that run a recipe on the tiny model and text in seconds."""
     return [
@@ -151,4 +159,5 @@ def tiny_overrides(model_dir: Path, data_file: Path, out: Path, steps: int = 4) 
         "checkpoint.every_n_steps=2",
         "logger.wandb.mode=disabled",
         f"output_dir={out}",
+        *TINY_EVAL,
     ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_train
+from conftest import TINY_EVAL, run_train
 from distillprune.data import IGNORE_INDEX
 from distillprune.errors import UserError
 from distillprune.icl import answer_matches, encode_views, load_task
@@ -61,6 +61,7 @@ def icl_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "trainer.precision=32-true", "trainer.accelerator=cpu",
         "checkpoint.every_n_steps=2", "logger.wandb.mode=disabled", f"output_dir={out}",
+        *TINY_EVAL,
     ]  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import make_tiny_model, run_train
+from conftest import TINY_EVAL, make_tiny_model, run_train
 from distillprune.errors import UserError
 from distillprune.prune import apply, layer_widths, plan, score, select
 from distillprune.prune.groups import head_dim
@@ -178,6 +178,7 @@ def prune_overrides(model_dir: Path, data_file: Path, out: Path) -> list[str]:
         "data.batch_size=2", "data.val_batches=2", "data.val_fraction=0.2", "trainer.max_steps=4",
         "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "trainer.precision=32-true",
         "trainer.accelerator=cpu", "checkpoint.every_n_steps=2", "logger.wandb.mode=disabled", f"output_dir={out}",
+        *TINY_EVAL,
     ]  # fmt: skip
 
 
@@ -212,6 +213,26 @@ def test_prune_recipe_end_to_end(
     assert sum(p.numel() for p in final.parameters()) == metrics["params"]["pruned"]
     with torch.no_grad():
         assert torch.isfinite(final(IDS).logits).all()
+    evaluation = metrics["evaluation"]["models"]  # dense beside pruned beside recovered
+    assert list(evaluation) == ["dense", "pruned", "recovered"]
+    assert evaluation["pruned"]["params"] == evaluation["recovered"]["params"] == metrics["params"]["pruned"]
+    assert evaluation["pruned"]["flops_per_token"] < evaluation["dense"]["flops_per_token"]
+    assert (out / "report" / "layer_widths.png").is_file() and "| recovered |" in (out / "report.md").read_text()
+
+
+def test_prune_sweep_reports_ppl_and_speed_per_ratio(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path):
+    out = tmp_path / "sweep"
+    args = prune_overrides(tiny_model_dir, tiny_text_file, out)
+    run_train("recipe=prune_lora", *args, "prune.sweep=[0.3,0.1,0.2]", "trainer.max_steps=0")
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["sweep"]
+    assert [r["ratio"] for r in rows] == [0.0, 0.1, 0.2, 0.3]
+    assert [r["params"] for r in rows] == sorted((r["params"] for r in rows), reverse=True)
+    assert all(abs(r["removed_fraction"] - r["ratio"]) < 0.02 and r["tokens_per_s"] > 0 for r in rows)
+    # the sweep reuses the recipe's scores: its 0.2 point is the model the recipe pruned
+    assert rows[2]["params"] == metrics["params"]["pruned"] and rows[2]["ppl"] == metrics["val_ppl"]["pruned"]
+    assert rows[0]["ppl"] == metrics["val_ppl"]["dense"]
+    assert (out / "report" / "pruning_sweep.png").is_file() and "pruning sweep" in (out / "report.md").read_text()
 
 
 def test_prune_bad_input_is_one_line(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ END_TO_END = {
     "prune_lora": "tests/test_prune.py::test_prune_recipe_end_to_end",
     "prune_distill": "tests/test_prune.py::test_prune_recipe_end_to_end",
     "prune_magnitude": "tests/test_prune.py::test_prune_magnitude_end_to_end",
+    "evaluate": "tests/test_evaluation.py::test_evaluate_recipe_side_by_side",
 }
 
 
@@ -47,8 +48,9 @@ def test_recipe_end_to_end(recipe: str, tiny_model_dir: Path, tiny_text_file: Pa
     out = tmp_path / recipe
     wandb = "offline" if recipe == "sft" else "disabled"  # one recipe also writes a W&B offline run
     run_train(f"recipe={recipe}", *tiny_overrides(tiny_model_dir, tiny_text_file, out), f"logger.wandb.mode={wandb}")
-    if wandb == "offline":
+    if wandb == "offline":  # the run, with the report's plots as media
         assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(list((out / "wandb").glob("offline-run-*/files/media/images/report/*.png"))) == 2
 
     assert (out / "config.yaml").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -57,6 +59,13 @@ def test_recipe_end_to_end(recipe: str, tiny_model_dir: Path, tiny_text_file: Pa
         assert metrics[name]["val_ppl"] > 1 and metrics[name]["tokens"] > 0
     assert metrics["student"]["val_loss"] < metrics["student_init"]["val_loss"]  # four steps already help
     assert metrics["tokens_per_s"] > 0 and metrics["wall_s"] > 0
+    evaluation = metrics["evaluation"]["models"]  # the evaluation stage: teacher beside student
+    assert list(evaluation) == ["teacher", "student"]
+    assert evaluation["student"]["params"] < evaluation["teacher"]["params"]
+    assert evaluation["student"]["perplexity"]["ppl"] > 1 and set(evaluation["student"]["speed"]) == {"1", "4"}
+    assert "| student |" in (out / "report.md").read_text()
+    for png in ("training_curves", "val_ppl"):
+        assert (out / "report" / f"{png}.png").stat().st_size > 5000
 
     with open(out / "logs" / "metrics.csv") as f:
         columns = set(next(csv.reader(f)))

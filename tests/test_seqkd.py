@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_train
+from conftest import TINY_EVAL, run_train
 from distillprune.errors import UserError
 from distillprune.evaluate import rouge_l, token_match
 from distillprune.prompts import load_prompts
@@ -21,6 +21,7 @@ def seq_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.precision=32-true",
         "trainer.accelerator=cpu", "checkpoint.every_n_steps=3", "logger.wandb.mode=disabled", "system.lr=3e-3",
         f"output_dir={out}",
+        *TINY_EVAL,
     ]  # fmt: skip
 
 

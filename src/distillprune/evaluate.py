@@ -1,4 +1,5 @@
-"""Evaluation of a model on held-out data: token-weighted loss and perplexity."""
+"""Evaluation of a model on held-out data: token-weighted loss and perplexity (over blocks, or one stream in
+strided windows), parameter and FLOP counts, agreement scores."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
+from distillprune.data import IGNORE_INDEX
 from distillprune.distill import token_nll
+from distillprune.errors import UserError
 
 
 @torch.no_grad()
@@ -27,6 +30,58 @@ def perplexity(model: PreTrainedModel, loader: DataLoader) -> dict[str, float]:
     model.train(was_training)
     loss = total.item() / max(count, 1)
     return {"val_loss": round(loss, 4), "val_ppl": round(math.exp(min(loss, 50.0)), 2), "tokens": count}
+
+
+@torch.no_grad()
+def strided_perplexity(model: PreTrainedModel, ids: torch.Tensor, context: int, stride: int) -> dict[str, float]:
+    """Perplexity of one long token stream scored in windows of ``context`` tokens moved by ``stride``.
+
+    Each token is scored once: the first window scores all of its tokens, each later window only its last
+    ``stride`` (each of which sees at least ``context - stride`` tokens before it). With ``stride == context``
+    the windows do not overlap and the first token of each has no context, so it is not scored."""
+    if not 0 < stride <= context:
+        raise UserError(f"evaluate.text.stride={stride} must be in 1..context ({context})")
+    if ids.numel() < 2:
+        raise UserError("evaluate.text: the held-out text is shorter than 2 tokens")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = ids.reshape(-1)
+    total, count, start = torch.zeros((), dtype=torch.float64), 0, 0
+    while True:
+        end = min(start + context, ids.numel())
+        window = ids[start:end].unsqueeze(0).to(device)  # [1, W]
+        labels = window.clone()
+        if start > 0:
+            labels[:, : context - stride] = IGNORE_INDEX  # already scored by the window before
+        nll, n = token_nll(model(input_ids=window).logits, labels)  # logits: [1, W, V]
+        total += nll.double().cpu()
+        count += int(n)
+        if end == ids.numel():
+            break
+        start += stride
+    model.train(was_training)
+    loss = total.item() / max(count, 1)
+    return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50.0)), 3), "tokens": count}
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters of a model, a tied embedding counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(model: PreTrainedModel, context: int) -> int:
+    """Forward FLOPs per token: 2 per weight of every linear map (the tied head included, the embedding lookup
+    not), plus the attention scores and weighted sum at the mean position of a ``context``-token window."""
+    linear = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            linear += module.in_features * module.out_features
+    query_width = sum(
+        m.q_proj.out_features for m in model.modules() if hasattr(m, "q_proj") and isinstance(m.q_proj, torch.nn.Linear)
+    )
+    mean_keys = (context + 1) / 2  # a causal window: position t attends to t keys
+    return int(2 * linear + 2 * 2 * query_width * mean_keys)
 
 
 def rouge_l(candidate: str, reference: str) -> float:

@@ -32,9 +32,10 @@ from distillprune.data import (
     write_splits,
 )
 from distillprune.errors import UserError
+from distillprune.evaluation import evaluate_stage
 from distillprune.generate import batches, chat_prompt, generate, teacher_responses
 from distillprune.models import export, load_model, load_student, load_tokenizer
-from distillprune.pipeline import kd_loss, prepare_output_dir, train, write_metrics
+from distillprune.pipeline import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
 from distillprune.prompts import _kjv_verses, _speeches
 
 Example = dict[str, str]  # {"input", "output"}
@@ -90,9 +91,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "examples": {"train": len(queries), "demos": n_demos, "eval": n_eval, "k": task.k},
         "steps": int(trainer.global_step),
         "train_s": round(fit_s, 1),
-        "wall_s": round(time.perf_counter() - start, 1),
-        "output_dir": str(out),
     }
+    models = {"teacher": evaluation_teacher(cfg, teacher, trainer.world_size, student), "student": student}
+    evaluate_stage(cfg, models, tok, out, metrics, trainer.loggers)
+    metrics.update(wall_s=round(time.perf_counter() - start, 1), output_dir=str(out))
     write_metrics(metrics, out)
     return metrics
 

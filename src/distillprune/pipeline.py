@@ -24,8 +24,10 @@ from distillprune.checkpoint import AtomicCheckpointIO, ResumedCSVLogger, resolv
 from distillprune.config import instantiate
 from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
+from distillprune.evaluation import evaluate_stage
 from distillprune.losses import Divergence
 from distillprune.models import export, load_model, load_student, load_tokenizer, shared_vocab_size
+from distillprune.report import comparison_rows
 from distillprune.strategies import build_strategy, check_loss_impl, resolve_precision, trained_student
 
 log = logging.getLogger(__name__)
@@ -69,11 +71,22 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         world_size=trainer.world_size,
         # training tokens of all ranks per second of fit, validation time included
         tokens_per_s=round(system.tokens_seen * trainer.world_size / fit_s, 1),
-        wall_s=round(time.perf_counter() - start, 1),
-        output_dir=str(out),
     )
+    models = {} if cfg.teacher is None else {"teacher": evaluation_teacher(cfg, teacher, trainer.world_size, student)}
+    evaluate_stage(cfg, {**models, "student": student}, tokenizer, out, metrics, trainer.loggers)
+    metrics.update(wall_s=round(time.perf_counter() - start, 1), output_dir=str(out))
     write_metrics(metrics, out)
     return metrics
+
+
+def evaluation_teacher(
+    cfg: DictConfig, teacher: PreTrainedModel | None, world_size: int, student: PreTrainedModel
+) -> PreTrainedModel:
+    """The teacher for the evaluation stage: the one in memory after a single-process run; loaded again when
+    training did not keep it (CE-only) or sharded it across ranks (ZeRO-3 / FSDP)."""
+    if teacher is None or world_size > 1:
+        teacher = load_model(**cfg.teacher)
+    return teacher.to(next(student.parameters()).device)
 
 
 def kd_loss(cfg: DictConfig) -> Divergence | None:
@@ -122,7 +135,8 @@ def _count(model: Any) -> int:
 def prepare_output_dir(cfg: DictConfig) -> Path:
     """Create the run folder (default ``runs/<recipe>-<timestamp>``, or ``-<job id>`` under SLURM) and save the
     resolved config in it. Every recipe starts here, so the trainer's scale settings are checked here first."""
-    _trainer_strategy(cfg)
+    if "trainer" in cfg:
+        _trainer_strategy(cfg)
     if cfg.output_dir is None:
         cfg.output_dir = default_output_dir(cfg.recipe)
     out = Path(cfg.output_dir)
@@ -252,6 +266,14 @@ def write_metrics(metrics: dict[str, Any], out: Path) -> None:
             table.add_column(col, justify="right")
         for name, row in rows.items():
             table.add_row(name, *(_cell(row.get(field)) for field in columns.values()))
+        console.print(table)
+    if "evaluation" in metrics:
+        header, rows = comparison_rows(metrics["evaluation"])
+        table = Table(title=f"{out.name}: evaluation (report.md)")
+        for col in header:
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for row in rows:
+            table.add_row(*row)
         console.print(table)
     summary = ", ".join(
         f"{k} {metrics[k]}" for k in ("steps", "tokens_per_s", "wall_s") if isinstance(metrics.get(k), (int, float))

@@ -21,9 +21,10 @@ from distillprune.config import instantiate
 from distillprune.data import split_documents, write_splits
 from distillprune.errors import UserError
 from distillprune.evaluate import rouge_l, token_match
+from distillprune.evaluation import evaluate_stage
 from distillprune.generate import PromptRow, batches, chat_prompt, generate, teacher_responses
 from distillprune.models import export, load_model, load_student, load_tokenizer
-from distillprune.pipeline import kd_loss, prepare_output_dir, train, write_metrics
+from distillprune.pipeline import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
 from distillprune.prompts import load_prompts
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     student = load_student(**cfg.student)
     if "evaluate" in cfg.stages:
         metrics["teacher_agreement"] = {"before": agreement(student, tok, eval_prompts, responses, cfg)}
+    trainer = None
     if "train" in cfg.stages:
         data = instantiate(
             cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["train"]), val_source=str(files["val"])
@@ -74,6 +76,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["teacher_agreement"]["reference_student"] = _reference_student(
                 cfg, tok, files, eval_prompts, responses, out
             )
+        world = trainer.world_size if trainer is not None else 1
+        models = {"teacher": evaluation_teacher(cfg, teacher, world, student), "student": student}
+        evaluate_stage(cfg, models, tok, out, metrics, trainer.loggers if trainer is not None else [])
     return _finish(metrics, out, start)
 
 

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,13 +17,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distillprune import speed
 from distillprune.config import instantiate
 from distillprune.data import TextDataModule
 from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
+from distillprune.evaluation import evaluate_stage
 from distillprune.models import export, load_model, load_tokenizer, shared_vocab_size
 from distillprune.pipeline import prepare_output_dir, train, write_metrics
 from distillprune.prune.groups import adapter_for, layer_widths
@@ -56,7 +58,7 @@ def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
     metrics["prune_s"] = round(time.perf_counter() - t0, 1)
     _measure(run, "pruned")
     metrics["speedup"] = "none: unstructured zeros run through the same dense kernels"
-    model = _distill(cfg, run.model, dense, loss, run.data, run.out)
+    model, loggers = _distill(cfg, run.model, dense, loss, run.data, run.out)
     if model is None:  # not global rank 0: the training is this rank's whole share
         return {}
     finalize(model)
@@ -65,7 +67,7 @@ def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
     metrics["tokens_per_s"]["pruned"] = generation_speed(model, run.tokenizer)
     metrics["sparsity_after_recovery"] = round(sparsity_of(model, run.layers), 4)
     metrics["params"]["pruned"] = metrics["params"]["dense"]  # same shapes; zeros are still parameters
-    return _finish(run, model)
+    return _finish(cfg, run, (model, loggers), {"dense": cfg.model})
 
 
 def _run(cfg: DictConfig, recover) -> dict[str, Any]:
@@ -76,11 +78,12 @@ def _run(cfg: DictConfig, recover) -> dict[str, Any]:
     run = _setup(cfg, check=lambda m, layers: plan(m, prune.ratio, layers, prune.gqa, prune.round_to,
                                                    tuple(prune.parts)))  # fmt: skip
     model, metrics = run.model, run.metrics
-    dense = copy.deepcopy(model) if recover is _distill else None
+    dense = copy.deepcopy(model)
     calibration = _calibration(cfg, run.tokenizer)
     t0 = time.perf_counter()
     scores, peak_mb = score(model, calibration, prune.importance, run.layers, prune.aggregation, cfg.seed)
     keep = select(scores, run.checked, layer_widths(model), prune.gqa, prune.uniform, prune.round_to)
+    metrics["widths_dense"] = [w.as_dict() for w in layer_widths(model)]
     apply(model, keep)
     metrics["prune_s"] = round(time.perf_counter() - t0, 1)
     metrics["peak_mem_mb"] = round(peak_mb, 1)
@@ -89,7 +92,31 @@ def _run(cfg: DictConfig, recover) -> dict[str, Any]:
     metrics["widths"] = [w.as_dict() for w in layer_widths(model)]
     _measure(run, "pruned")
     export(model, run.tokenizer, run.out / "pruned")
-    return _finish(run, recover(cfg, model, dense, loss, run.data, run.out))
+    if prune.sweep:
+        metrics["sweep"] = sweep(cfg, dense, scores, run)
+    recovered = recover(cfg, model, dense if recover is _distill else None, loss, run.data, run.out)
+    return _finish(cfg, run, recovered, {"dense": cfg.model, "pruned": run.out / "pruned"})
+
+
+def sweep(cfg: DictConfig, dense: PreTrainedModel, scores: Any, run: _Run) -> list[dict[str, float]]:
+    """Prune copies of the dense model to each ratio of ``prune.sweep`` with the scores already computed (no
+    recovery); the validation perplexity and batch-1 generation speed of each, the dense model as ratio 0."""
+    p = cfg.prune
+    rows = [{"ratio": 0.0, "params": _count(dense), "removed_fraction": 0.0,
+             "ppl": run.metrics["val_ppl"]["dense"], "tokens_per_s": run.metrics["tokens_per_s"]["dense"]}]  # fmt: skip
+    for ratio in sorted(float(r) for r in p.sweep):
+        model = copy.deepcopy(dense)
+        checked = plan(model, ratio, run.layers, p.gqa, p.round_to, tuple(p.parts))
+        apply(model, select(scores, checked, layer_widths(model), p.gqa, p.uniform, p.round_to))
+        rows.append({
+            "ratio": ratio,
+            "params": _count(model),
+            "removed_fraction": round(1 - _count(model) / rows[0]["params"], 4),
+            "ppl": perplexity(model, run.data.val_dataloader())["val_ppl"],
+            "tokens_per_s": generation_speed(model, run.tokenizer),
+        })  # fmt: skip
+        del model
+    return rows
 
 
 @dataclass
@@ -127,17 +154,30 @@ def _measure(run: _Run, stage: str) -> None:
     run.metrics["tokens_per_s"][stage] = generation_speed(run.model, run.tokenizer)
 
 
-def _finish(run: _Run, model: PreTrainedModel | None) -> dict[str, Any]:
+def _finish(
+    cfg: DictConfig,
+    run: _Run,
+    recovered: tuple[PreTrainedModel | None, list[Logger]],
+    before: dict[str, DictConfig | Path],
+) -> dict[str, Any]:
+    """Measure and export the recovered model, then evaluate it beside the models of ``before``, loaded again
+    (a model node, or an exported folder: training may have sharded the copies in memory), and write the
+    report."""
+    model, loggers = recovered
     if model is None:  # not global rank 0: the training is this rank's whole share
         return {}
     run.metrics["val_ppl"]["recovered"] = perplexity(model, run.data.val_dataloader())["val_ppl"]
     export(model, run.tokenizer, run.out / "final")
+    device = next(model.parameters()).device
+    spec = lambda v: {**cfg.model, "name": str(v)} if isinstance(v, Path) else v
+    models = {k: load_model(**spec(v)).eval().to(device) for k, v in before.items()}
+    evaluate_stage(cfg, {**models, "recovered": model}, run.tokenizer, run.out, run.metrics, loggers)
     run.metrics.update(wall_s=round(time.perf_counter() - run.start, 1), output_dir=str(run.out))
     write_metrics(run.metrics, run.out)
     return run.metrics
 
 
-def _lora(cfg, model, dense, loss, data, out) -> PreTrainedModel:
+def _lora(cfg, model, dense, loss, data, out) -> tuple[PreTrainedModel | None, list[Logger]]:
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.lora
@@ -151,18 +191,21 @@ def _lora(cfg, model, dense, loss, data, out) -> PreTrainedModel:
             task_type="CAUSAL_LM",
         ),
     )
+    loggers = []
     if cfg.trainer.max_steps > 0:
-        *_, peft_model = train(
+        trainer, _, _, peft_model = train(
             cfg, peft_model, None, None, data, out, system_overrides={"kd_weight": 0.0, "lmbda": 0.0}
         )
-    return peft_model.merge_and_unload() if peft_model is not None else None
+        loggers = trainer.loggers
+    return (peft_model.merge_and_unload() if peft_model is not None else None), loggers
 
 
-def _distill(cfg, model, dense, loss, data, out) -> PreTrainedModel:
+def _distill(cfg, model, dense, loss, data, out) -> tuple[PreTrainedModel | None, list[Logger]]:
     loss.vocab_size = shared_vocab_size(dense, model, data.tokenizer, data.tokenizer)
-    if cfg.trainer.max_steps > 0:
-        *_, model = train(cfg, model, dense, loss, data, out)
-    return model
+    if cfg.trainer.max_steps == 0:
+        return model, []
+    trainer, _, _, model = train(cfg, model, dense, loss, data, out)
+    return model, trainer.loggers
 
 
 def _layers(spec: str, n: int) -> list[int]:
@@ -187,23 +230,11 @@ def _calibration(cfg: DictConfig, tok) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": ids[i : i + c.batch_size]} for i in range(0, n, c.batch_size)]
 
 
-@torch.no_grad()
 def generation_speed(model: PreTrainedModel, tok, new_tokens: int = 32, repeats: int = 3) -> float:
-    """Greedy decode tokens/s at batch 1 with the KV cache (median of ``repeats``)."""
-    ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-        )
-        times.append(time.perf_counter() - t0)
-    return round(new_tokens / statistics.median(times), 1)
+    """Greedy generation tokens/s at batch 1 with the KV cache after a fixed prompt (median of ``repeats``)."""
+    ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids  # [1, P]
+    ids = ids.to(next(model.parameters()).device)
+    return speed.generation_speed(model, ids, [1], new_tokens, repeats, tok.pad_token_id)["1"]["tokens_per_s"]
 
 
 def _count(model: torch.nn.Module) -> int:

@@ -1,0 +1,159 @@
+"""Evaluation of compressed models side by side, and the ``evaluate`` recipe.
+
+``evaluate_models`` measures each model the same way: parameters, forward FLOPs per token, weights in memory,
+perplexity over held-out text in strided windows, generation tokens/s / time to first token / peak memory at
+each batch size with the KV cache, and lm-eval zero-shot accuracy on the packaged tasks. Every training recipe
+ends with ``evaluate_stage`` (teacher vs student, or dense vs pruned vs recovered), which also writes
+``report.md`` with its plots; ``python train.py recipe=evaluate model=NAME [baseline=NAME]`` does the same for
+any saved models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distillprune.data import document_text, load_documents, split_documents
+from distillprune.errors import UserError
+from distillprune.evaluate import count_params, flops_per_token, strided_perplexity
+from distillprune.models import load_model, load_tokenizer
+from distillprune.report import log_to_wandb, plot_sweep, plot_training, plot_widths, write_report
+from distillprune.speed import generation_speed, weights_mb
+from distillprune.zeroshot import run_zero_shot
+
+log = logging.getLogger(__name__)
+
+
+def held_out_ids(ev: DictConfig, tok: PreTrainedTokenizerBase, data: DictConfig | None, seed: int) -> torch.Tensor:
+    """Token ids of the held-out documents of ``ev.text.source`` (null: the recipe's ``data.source``), split off
+    with the data's ``val_fraction`` and ``seed`` so that a recipe is scored on what it did not train on; at most
+    ``ev.text.max_tokens`` of them, documents joined by a blank line."""
+    text = ev.text
+    source = text.source or (data.source if data is not None else None)
+    if source is None:
+        raise UserError("evaluate.text.source is not set and the recipe has no data.source to hold text out of")
+    field = data.get("text_field", "text") if data is not None else "text"
+    fraction = data.get("val_fraction", 0.05) if data is not None and not text.source else text.val_fraction
+    _, held_out = split_documents(load_documents(source, field), fraction, seed)
+    joined = "\n\n".join(document_text(d, field) for d in held_out)
+    ids = tok(joined[: 12 * text.max_tokens], add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return ids[: text.max_tokens]  # [N]
+
+
+def evaluate_models(
+    models: dict[str, PreTrainedModel],
+    tok: PreTrainedTokenizerBase,
+    ev: DictConfig,
+    ids: torch.Tensor,
+    out: Path,
+    seed: int,
+) -> dict[str, Any]:
+    """Measure every model the same way; ``{"settings": ..., "models": {name: {...}}}``."""
+    speed, zs = ev.speed, ev.zero_shot
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    prompts = _prompt_windows(ids, max(speed.batch_sizes, default=0), speed.prompt_tokens)
+    settings = {
+        "text_source": ev.text.source or "the recipe's held-out data",
+        "text_tokens": int(ids.numel()),
+        "context": ev.text.context,
+        "stride": ev.text.stride,
+        "batch_sizes": list(speed.batch_sizes),
+        "prompt_tokens": speed.prompt_tokens,
+        "new_tokens": speed.new_tokens,
+        "repeats": speed.repeats,
+        "memory": "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "the weights plus the peak rise of the process's resident memory during generation",
+        "zero_shot_tasks": list(zs.tasks),
+        "zero_shot_n": zs.n,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads",
+        "dtype": str(first.dtype).removeprefix("torch."),
+    }
+    results: dict[str, Any] = {}
+    for name, model in models.items():
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {
+            "params": count_params(model),
+            "flops_per_token": flops_per_token(model, ev.text.context),
+            "weights_mb": round(weights_mb(model), 1),
+            "perplexity": strided_perplexity(model, ids, ev.text.context, ev.text.stride),
+        }
+        if speed.batch_sizes:
+            row["speed"] = generation_speed(
+                model, prompts, list(speed.batch_sizes), speed.new_tokens, speed.repeats, tok.pad_token_id
+            )
+        if zs.tasks:
+            row["zero_shot"] = run_zero_shot(
+                model, tok, out / "zero_shot" / "tasks", list(zs.tasks), zs.n, seed, zs.val_fraction, zs.batch_size
+            )
+        row["eval_s"] = round(time.perf_counter() - t0, 1)
+        log.info("evaluated %s: %s", name, row)
+        results[name] = row
+    return {"settings": settings, "models": results}
+
+
+def evaluate_stage(
+    cfg: DictConfig,
+    models: dict[str, PreTrainedModel],
+    tok: PreTrainedTokenizerBase,
+    out: Path,
+    metrics: dict[str, Any],
+    loggers: list[Logger] | None = None,
+) -> None:
+    """A recipe's last stage: evaluate ``models`` side by side into ``metrics["evaluation"]`` and write
+    ``report.md`` with the plots of the run (training curves, widths, sweep) next to it."""
+    ev = cfg.evaluate
+    ids = held_out_ids(ev, tok, cfg.get("data"), cfg.seed)
+    metrics["evaluation"] = evaluate_models(models, tok, ev, ids, out, cfg.seed)
+    plots = plot_training(out / "logs" / "metrics.csv", out / "report")
+    if metrics.get("widths"):
+        plots["layer_widths"] = plot_widths(metrics["widths_dense"], metrics["widths"], out / "report")
+    if metrics.get("sweep"):
+        plots["pruning_sweep"] = plot_sweep(metrics["sweep"], out / "report")
+    notes = [f"{k}: {v}" for k, v in metrics.items() if k in ("steps", "speedup", "sparsity", "prune_s")]
+    write_report(out, f"{cfg.recipe}: {out.name}", metrics["evaluation"], plots, notes, metrics.get("sweep"))
+    log_to_wandb(loggers or [], metrics["evaluation"], plots)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The ``evaluate`` recipe: ``model`` (and ``baseline`` when set) evaluated side by side; writes
+    ``metrics.json`` and ``report.md``."""
+    from distillprune.pipeline import build_loggers, prepare_output_dir, write_metrics
+
+    start = time.perf_counter()
+    if not cfg.model:
+        raise UserError("model= is required: a packaged alias, a local HF folder or a hub id")
+    out = prepare_output_dir(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    load = {k: cfg[k] for k in ("dtype", "attn_implementation", "trust_remote_code")}
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = {}
+    if cfg.baseline:
+        models[f"baseline: {cfg.baseline}"] = load_model(cfg.baseline, **load).to(device)
+    models[f"model: {cfg.model}"] = load_model(cfg.model, **load).to(device)
+    tok = load_tokenizer(cfg.model)
+    metrics: dict[str, Any] = {}
+    evaluate_stage(cfg, models, tok, out, metrics, build_loggers(cfg, out))
+    metrics.update(wall_s=round(time.perf_counter() - start, 1), output_dir=str(out))
+    write_metrics(metrics, out)
+    return metrics
+
+
+def _prompt_windows(ids: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """``n`` prompts of ``length`` consecutive tokens each, cut from ``ids`` (repeated if it is too short)."""
+    need = n * length
+    if need == 0:
+        return ids[:0].reshape(0, max(length, 1))
+    reps = -(-need // max(ids.numel(), 1))
+    return ids.repeat(reps)[:need].reshape(n, length)  # [n, length]
