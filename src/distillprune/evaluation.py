@@ -43,7 +43,7 @@ def held_out_ids(ev: DictConfig, tok: PreTrainedTokenizerBase, data: DictConfig 
     field = data.get("text_field", "text") if data is not None else "text"
     fraction = data.get("val_fraction", 0.05) if data is not None and not text.source else text.val_fraction
     _, held_out = split_documents(load_documents(source, field), fraction, seed)
-    joined = "\n\n".join(document_text(d, field) for d in held_out)
+    joined = "\n\n".join(_plain_text(d, field) for d in held_out)
     ids = tok(joined[: 12 * text.max_tokens], add_special_tokens=False, return_tensors="pt").input_ids[0]
     return ids[: text.max_tokens]  # [N]
 
@@ -148,6 +148,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(wall_s=round(time.perf_counter() - start, 1), output_dir=str(out))
     write_metrics(metrics, out)
     return metrics
+
+
+def _plain_text(doc: tuple[str, Any], field: str) -> str:
+    """A document's text; a row without ``field`` (prompt/response or messages data) is its string values, joined."""
+    content = doc[1]
+    if isinstance(content, dict) and field not in content:
+        values = [v for v in content.values() if isinstance(v, str)]
+        values += [m["content"] for m in content.get("messages", []) if isinstance(m, dict) and "content" in m]
+        return "\n".join(values)
+    return document_text(doc, field)
 
 
 def _prompt_windows(ids: torch.Tensor, n: int, length: int) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""Write BENCHMARKS.md from benchmarks/results/*.json: every benchmark's latest tables, with the command that
+produced them, when, and the machine they ran on.
+
+    python benchmarks/collect.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT  # noqa: E402
+
+ORDER = ["kd_throughput", "mfu", "prune_speed", "quality", "kd_loss_memory", "generation"]
+INTRO = """# Benchmarks
+
+`make bench` runs kd_throughput, mfu, prune_speed and quality (about 25 minutes on a 2-core CPU) and rewrites this
+file from `benchmarks/results/*.json` (`python benchmarks/collect.py`). Each section gives the command, the date
+and the machine of its latest run. Targets and what the numbers mean are in each script's docstring.
+"""
+
+
+def main() -> None:
+    parts = [INTRO]
+    records = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    for name in sorted(records, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        r = records[name]
+        if "tables_markdown" not in r:
+            continue  # an older result format: see README
+        m = r["machine"]
+        where = f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['memory_gib']} GiB"
+        where += f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+        parts += [
+            f"## {name}",
+            "",
+            f"`{r['command']}` — {r['date']}; {where}; torch {m['torch']}.",
+            "",
+            r["tables_markdown"].replace("### ", "#### "),
+            "",
+        ]
+    out = ROOT / "BENCHMARKS.md"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, out)
+    print(f"written {out.relative_to(ROOT)} ({len(records)} results)")
+
+
+if __name__ == "__main__":
+    main()

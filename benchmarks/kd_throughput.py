@@ -1,0 +1,139 @@
+"""Logit-KD training step: distillprune vs TRL's GKDTrainer, tokens/s and peak memory, side by side.
+
+    python benchmarks/kd_throughput.py [--batch 4] [--seq-len 256] [--steps 4] [--warmup 1]
+
+Same teacher (SmolLM2-135M), student (its layers [0, 6, 12, 18, 24, 29]), batch, sequence length, float32 and the
+same Shakespeare blocks for both. TRL runs GKDTrainer with beta=0 (forward KL, teacher || student), lmbda=0 (no
+on-policy samples), temperature 1, gradient checkpointing off, AdamW; distillprune runs DistillSystem with the
+same objective (kd_weight=1, ForwardKL, T=1) for each loss.impl. A step is forward (both models) + backward +
+optimizer step, data loading included; tokens/s is batch x seq_len over the median of the timed steps after the
+warm-up. Each engine runs in a fresh process; peak MB is that process's peak resident memory (VmHWM). Writes
+benchmarks/results/kd_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fit, kd_blocks, kd_models, peak_rss_mb, run_child, table, write_result  # noqa: E402
+
+ENGINES = ["trl", "distillprune:dense", "distillprune:fused_linear"]
+TARGET = 1.3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # one engine, in a child process
+    args = parser.parse_args()
+    if args.engine:
+        print(json.dumps(run_engine(args.engine, args.batch, args.seq_len, args.steps, args.warmup)))
+        return
+    common = ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    common += ["--warmup", str(args.warmup)]
+    rows = {e: run_child(Path(__file__), [*common, "--engine", e]) for e in ENGINES}
+    trl = rows["trl"]["tokens_per_s"]
+    header = ["engine", "tokens/s", "s/step (median)", "peak MB", "vs TRL"]
+    body = [
+        [e, r["tokens_per_s"], r["step_s"], r["peak_mb"], f"{r['tokens_per_s'] / trl:.2f}x"] for e, r in rows.items()
+    ]
+    best = max(r["tokens_per_s"] for e, r in rows.items() if e != "trl") / trl
+    title = (
+        f"KD step, SmolLM2-135M -> 6-layer student, batch {args.batch} x {args.seq_len} tokens, float32: "
+        f"best distillprune {best:.2f}x TRL GKDTrainer (target >= {TARGET}x: {'met' if best >= TARGET else 'MISSED'})"
+    )
+    command = "python benchmarks/kd_throughput.py " + " ".join(common)
+    write_result("kd_throughput", command, [table(title, header, body)], {"rows": rows, "speedup_vs_trl": best})
+
+
+def run_engine(engine: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    tok, teacher, student = kd_models()
+    blocks = kd_blocks(tok, seq_len, batch * (steps + warmup))  # [n, T]
+    times = (
+        _trl(tok, teacher, student, blocks, batch)
+        if engine == "trl"
+        else _ours(engine, teacher, student, blocks, batch)
+    )
+    timed = times[warmup:]
+    step_s = statistics.median(timed)
+    return {
+        "tokens_per_s": round(batch * seq_len / step_s, 1),
+        "step_s": round(step_s, 3),
+        "steps_s": [round(t, 3) for t in times],
+        "peak_mb": round(peak_rss_mb()),
+    }
+
+
+def _ours(engine: str, teacher, student, blocks: torch.Tensor, batch: int) -> list[float]:
+    from distillprune.distill import DistillSystem
+    from distillprune.losses import ForwardKL
+
+    loss = ForwardKL(temperature=1.0, impl=engine.split(":")[1])
+    return fit(DistillSystem(student, teacher, loss, kd_weight=1.0, warmup_steps=0), blocks, batch)
+
+
+def _trl(tok, teacher, student, blocks: torch.Tensor, batch: int) -> list[float]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs) -> None:
+            times.append(time.perf_counter() - self.t0)
+
+    config = GKDConfig(
+        output_dir=tempfile.mkdtemp(prefix="gkd-"),
+        max_steps=len(blocks) // batch,
+        per_device_train_batch_size=batch,
+        learning_rate=3e-4,
+        lmbda=0.0,
+        beta=0.0,
+        temperature=1.0,
+        max_length=blocks.shape[1],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_grad_norm=1.0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        dataloader_num_workers=0,
+    )
+    trainer = GKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=Dataset.from_dict({"input_ids": blocks.tolist()}),
+        data_collator=_collate,
+        processing_class=tok,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    return times
+
+
+def _collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([r["input_ids"] for r in rows])  # [B, T]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+if __name__ == "__main__":
+    main()
