@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from lightning.pytorch.loggers import Logger, WandbLogger  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Series = dict[str, list[tuple[int, float]]]  # column -> [(step, value)]
 
@@ -46,6 +47,7 @@ def plot_training(csv_path: Path, folder: Path) -> dict[str, Path]:
         for name, points in curves.items():
             ax.plot(*zip(*points, strict=True), label=name, marker="." if len(points) < 30 else None)
         ax.set(xlabel="step", ylabel="loss (nats/token)", title="training loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
         plots["training_curves"] = _save(fig, folder / "training_curves.png")
@@ -53,6 +55,7 @@ def plot_training(csv_path: Path, folder: Path) -> dict[str, Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(*zip(*series["val/ppl"], strict=True), marker="o")
         ax.set(xlabel="step", ylabel="validation perplexity", title="validation perplexity", yscale="log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3, which="both")
         plots["val_ppl"] = _save(fig, folder / "val_ppl.png")
     return plots
@@ -66,6 +69,7 @@ def plot_widths(dense: list[dict[str, int]], pruned: list[dict[str, int]], folde
         ax.bar(layers, [w[field] for w in dense], color="lightgray", label="dense")
         ax.bar(layers, [w[field] for w in pruned], color="tab:blue", label="pruned")
         ax.set(xlabel="layer", ylabel=label, title=f"{label} per layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     axes[0].plot(layers, [w["kv_heads"] for w in pruned], "k_", markersize=12, label="KV heads (pruned)")
     axes[0].legend()
