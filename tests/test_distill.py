@@ -102,3 +102,23 @@ def test_bad_settings() -> None:
         DistillSystem(model, None, None, kd_weight=0.5)
     with pytest.raises(ValueError, match="lmbda"):
         DistillSystem(model, model, ForwardKL(), lmbda=2.0)
+
+
+def test_fused_linear_refuses_models_that_rescale_their_logits(pair) -> None:
+    student, teacher, _ = pair
+    teacher.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits = 30 * tanh(logits / 30)
+    with pytest.raises(ValueError, match="use loss.impl=chunked"):
+        DistillSystem(student, teacher, ForwardKL(impl="fused_linear"))
+    DistillSystem(student, teacher, ForwardKL(impl="chunked"))  # the chunked path uses the model's own logits
+
+
+@pytest.mark.parametrize(
+    ("strategy", "impl"),
+    [("auto", "fused_linear"), ("ddp", "fused_linear"), ("deepspeed_stage_2", "fused_linear"),
+     ("deepspeed_stage_3", "chunked"), ("fsdp", "chunked"), ("ds.json", "chunked")],
+)  # fmt: skip
+def test_auto_loss_impl_follows_the_strategy(strategy: str, impl: str) -> None:
+    from distillprune.strategies import resolve_loss_impl
+
+    assert resolve_loss_impl(strategy, "auto") == impl
+    assert resolve_loss_impl(strategy, "dense") == "dense"

@@ -79,14 +79,20 @@ def test_ignored_positions_selected_as_the_system_does() -> None:
     torch.testing.assert_close(kd, want.detach())
 
 
-def test_padded_teacher_vocab_and_ce_only() -> None:
+@pytest.mark.parametrize(
+    ("name", "temperature", "shared"),
+    [("jsd_0.3", 1.0, 41), ("forward_kl", 1.0, 41), ("forward_kl", 2.0, 41), ("forward_kl", 1.0, 37)],
+)
+def test_padded_teacher_vocab_and_ce_only(name: str, temperature: float, shared: int) -> None:
+    # forward KL has a closed-form gradient path of its own: it is checked here with a cut vocabulary too
     hidden, head, t_hidden, t_head, targets = _problem(t_pad=7)  # teacher head has 7 padding rows
-    ref = _dense_reference(DIVERGENCES["jsd_0.3"], 1.0, 0.5, hidden, head, t_hidden, t_head, targets, vocab_size=41)
+    ref = _dense_reference(DIVERGENCES[name], temperature, 0.5, hidden, head, t_hidden, t_head, targets, shared)
     h, w = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
-    loss = JSD(0.3, vocab_size=41, impl="fused_linear", chunk_size=5)
+    loss = DIVERGENCES[name](temperature=temperature, vocab_size=shared, impl="fused_linear", chunk_size=5)
     total, _, _ = kd_ce_fused_linear(loss, h, w, t_hidden, t_head, targets, 0.5)
     total.backward()
     torch.testing.assert_close(total.detach(), ref[0])
+    torch.testing.assert_close(h.grad, ref[3], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, ref[4], rtol=1e-5, atol=1e-6)
 
     # no teacher: plain CE, chunked and fused, equals torch's cross entropy

@@ -34,6 +34,15 @@ def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
     return lmbda > 0 and random.Random(seed * 1_000_003 + step).random() < lmbda
 
 
+def _scaled_logits(model: PreTrainedModel | None) -> bool:
+    """Whether the model changes its logits after the lm_head (Gemma-2 soft-capping, Cohere's logit_scale)."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "final_logit_softcapping", None)) or getattr(config, "logit_scale", 1.0) not in (
+        None,
+        1.0,
+    )
+
+
 def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Align position t's logits with token t+1: ``[B, T, V], [B, T] -> [B, T-1, V], [B, T-1]``."""
     return logits[:, :-1], labels[:, 1:]
@@ -98,6 +107,11 @@ class DistillSystem(L.LightningModule):
         # a list hides a CPU teacher from the module tree, so no strategy moves, wraps or shards it
         self._cpu_teacher = [frozen(teacher).cpu()] if teacher is not None and teacher_on_cpu else []
         self.kd_loss = loss if loss is not None else ForwardKL()  # CE-only training uses only its impl
+        if self.kd_loss.impl == "fused_linear" and any(_scaled_logits(m) for m in (student, teacher)):
+            raise ValueError(
+                "loss.impl=fused_linear computes logits as hidden states @ lm_head and would skip this model's "
+                "logit soft-capping / logit_scale; use loss.impl=chunked"
+            )
         self.kd_weight = kd_weight
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillprune.losses import Divergence
+from distillprune.losses import Divergence, ForwardKL
 
 _AUTO_CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk when chunk_size is 0 ...
 _MIN_AUTO_ROWS = 128  # ... but no fewer rows than this: the head-gradient matmul stays compute-bound
@@ -88,12 +88,36 @@ def _chunk_grad(
     loss: Divergence, s32: Tensor, teacher: Tensor | None, targets: Tensor, kd_weight: float, n: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The chunk's CE and KD sums and the gradient of its share of the total with respect to ``s32``."""
+    if type(loss) is ForwardKL and teacher is not None:
+        return _forward_kl_chunk_grad(loss, s32, teacher, targets, kd_weight, n)
     t2 = loss.temperature**2
     with torch.enable_grad():
         s32 = s32.detach().requires_grad_(True)
         ce, kd = _chunk_sums(loss, s32, teacher, targets)
         (grad,) = torch.autograd.grad(((1.0 - kd_weight) * ce + kd_weight * t2 * kd) / n, s32)
     return ce.detach(), kd.detach(), grad
+
+
+def _forward_kl_chunk_grad(
+    loss: Divergence, s32: Tensor, teacher: Tensor, targets: Tensor, kd_weight: float, n: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``_chunk_grad`` for forward KL in closed form, without autograd: d CE / d s = softmax(s) - onehot and
+    d KL(p || q_T) / d s = (q_T - p) / T on the shared vocabulary (the most used loss; a third fewer [c, V]
+    passes than the generic path, and the same value and gradient)."""
+    temp = loss.temperature
+    s, t = loss._select(s32, teacher, None)  # [c, V'] views, cut to the shared vocabulary
+    shared = s.shape[1]
+    log_q = F.log_softmax(s / temp, dim=-1)  # [c, V']
+    log_p = F.log_softmax(t.float() / temp, dim=-1)
+    p = log_p.exp()
+    kd = (p * (log_p - log_q)).sum()
+    log_q1 = log_q if temp == 1.0 and shared == s32.shape[1] else F.log_softmax(s32, dim=-1)  # [c, V]
+    ce = -log_q1.gather(1, targets[:, None]).sum()
+    grad = log_q1.exp().mul_((1.0 - kd_weight) / n)  # CE: softmax - onehot, scaled
+    grad.scatter_add_(1, targets[:, None], grad.new_full((targets.shape[0], 1), -(1.0 - kd_weight) / n))
+    kd_grad = (log_q if log_q1 is not log_q else log_q.detach()).exp().sub_(p).mul_(kd_weight * temp / n)
+    grad[:, :shared] += kd_grad
+    return ce, kd, grad
 
 
 def _totals(ctx, loss: Divergence, ce: Tensor, kd: Tensor, kd_weight: float, n: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
-IMPLS = ("dense", "chunked", "fused_linear")
+IMPLS = ("auto", "dense", "chunked", "fused_linear")
 
 
 class Divergence(nn.Module):
@@ -25,7 +25,8 @@ class Divergence(nn.Module):
         temperature: softens both distributions; the loss is multiplied by its square.
         vocab_size: the real vocabulary shared by teacher and student. When set, logits are cut to it, so rows
             that one model only carries as padding (e.g. 49152 vs 49216) never enter the loss.
-        impl: how the training system computes CE + KD (``distillprune.kd_memory``): ``dense`` (full [N, V]
+        impl: how the training system computes CE + KD (``distillprune.kd_memory``): ``auto`` (the recipes'
+            default: ``fused_linear``, or ``chunked`` under ZeRO-3 / FSDP), ``dense`` (full [N, V]
             logits of both models in float32), ``chunked`` (from the logits, ``chunk_size`` rows of float32 at a
             time) or ``fused_linear`` (logits computed chunk by chunk from the last hidden states and the lm_head
             weights, never [N, V] at all). All three give the same value and gradient.

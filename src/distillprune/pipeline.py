@@ -28,7 +28,7 @@ from distillprune.evaluation import evaluate_stage
 from distillprune.losses import Divergence
 from distillprune.models import export, load_model, load_student, load_tokenizer, shared_vocab_size
 from distillprune.report import comparison_rows
-from distillprune.strategies import build_strategy, check_loss_impl, resolve_precision, trained_student
+from distillprune.strategies import build_strategy, resolve_loss_impl, resolve_precision, trained_student
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def kd_loss(cfg: DictConfig) -> Divergence | None:
     if not uses_teacher:
         return None
     loss = instantiate(cfg.loss)
-    check_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
+    loss.impl = resolve_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
     return loss
 
 

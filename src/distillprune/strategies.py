@@ -85,13 +85,19 @@ def _cpu_has_fast_bf16() -> bool:
     return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
 
 
-def check_loss_impl(strategy: str, impl: str) -> None:
-    """The fused-linear loss reads the lm_head weights whole: not where parameters exist only as shards."""
-    if impl == "fused_linear" and (strategy in SHARDED or strategy.endswith(".json")):
+def resolve_loss_impl(strategy: str, impl: str) -> str:
+    """The loss implementation to run: ``auto`` is ``fused_linear`` (least memory, fastest) where the lm_head
+    weights exist whole, ``chunked`` where parameters exist only as shards (ZeRO-3, FSDP, a DeepSpeed .json);
+    an explicit ``fused_linear`` under sharding is a one-line error."""
+    sharded = strategy in SHARDED or strategy.endswith(".json")
+    if impl == "auto":
+        return "chunked" if sharded else "fused_linear"
+    if impl == "fused_linear" and sharded:
         raise UserError(
             f"loss.impl=fused_linear needs whole lm_head weights; under trainer.strategy={strategy} use "
             "loss.impl=chunked (or deepspeed_stage_2 / ddp for fused_linear)"
         )
+    return impl
 
 
 def adamw(strategy: Strategy) -> Callable[..., torch.optim.Optimizer]:

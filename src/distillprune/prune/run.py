@@ -33,7 +33,7 @@ from distillprune.prune.groups import adapter_for, layer_widths
 from distillprune.prune.importance import score
 from distillprune.prune.magnitude import check_sparsity, finalize, magnitude_prune, sparsity_of
 from distillprune.prune.surgery import apply, plan, select
-from distillprune.strategies import check_loss_impl
+from distillprune.strategies import resolve_loss_impl
 
 
 def prune_lora(cfg: DictConfig) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
     """Unstructured magnitude pruning to ``prune.sparsity``, KD recovery from the dense model with the masks
     fixed, export; reports the (absent) speed-up honestly by measuring it."""
     loss = instantiate(cfg.loss)  # cheap checks first
-    check_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
+    loss.impl = resolve_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
     run = _setup(cfg, check=lambda model, layers: check_sparsity(cfg.prune.sparsity))
     dense, metrics = copy.deepcopy(run.model), run.metrics
     t0 = time.perf_counter()
@@ -74,7 +74,7 @@ def _run(cfg: DictConfig, recover) -> dict[str, Any]:
     prune = cfg.prune
     loss = instantiate(cfg.loss) if recover is _distill else None  # the dense model is the teacher
     if loss is not None:
-        check_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
+        loss.impl = resolve_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
     run = _setup(cfg, check=lambda m, layers: plan(m, prune.ratio, layers, prune.gqa, prune.round_to,
                                                    tuple(prune.parts)))  # fmt: skip
     model, metrics = run.model, run.metrics
