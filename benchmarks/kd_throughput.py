@@ -1,6 +1,6 @@
 """Logit-KD training step: distillprune vs TRL's GKDTrainer, tokens/s and peak memory, side by side.
 
-    python benchmarks/kd_throughput.py [--batch 4] [--seq-len 256] [--steps 4] [--warmup 1]
+    python benchmarks/kd_throughput.py [--batch 4] [--seq-len 256] [--steps 6] [--warmup 1]
 
 Same teacher (SmolLM2-135M), student (its layers [0, 6, 12, 18, 24, 29]), batch, sequence length, float32 and the
 same Shakespeare blocks for both. TRL runs GKDTrainer with beta=0 (forward KL, teacher || student), lmbda=0 (no
@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # one engine, in a child process
     args = parser.parse_args()

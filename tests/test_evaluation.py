@@ -67,9 +67,12 @@ def test_generation_speed_reports_every_batch_size(model) -> None:
     prompts = torch.randint(5, 300, (4, 8))
     speed = generation_speed(model, prompts, [1, 4], new_tokens=4, repeats=1, pad_token_id=0)
     assert set(speed) == {"1", "4"}
-    for row in speed.values():
+    c = model.config
+    for batch, row in speed.items():
         assert row["tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["ttft_ms"] > 0
-        assert row["peak_mb"] >= weights_mb(model)
+        # at least the KV cache of the last step: layers x (k, v) x batch x KV heads x (8 + 4 - 1) positions x 16
+        cache = c.num_hidden_layers * 2 * int(batch) * c.num_key_value_heads * 11 * 16 * 4 / 2**20
+        assert row["peak_mb"] >= weights_mb(model) + cache - 0.05  # peak_mb is rounded to 0.1
 
 
 def _choice_logprob(model, tok, context: str, choice: str) -> float:

@@ -127,5 +127,5 @@ def test_empty_selection_keeps_the_graph() -> None:
 
 
 def test_bad_impl_is_an_error() -> None:
-    with pytest.raises(ValueError, match="impl 'fast' is unknown; choose dense, chunked, fused_linear"):
+    with pytest.raises(ValueError, match="impl 'fast' is unknown; choose auto, dense, chunked, fused_linear"):
         ForwardKL(impl="fast")

@@ -1,20 +1,27 @@
-"""Checkpoint files that a kill can never leave half-written, the ``resume`` setting, and a CSV log that a
-resumed run continues instead of replacing."""
+"""Checkpoint files that a kill can never leave half-written, the ``resume`` setting, a CSV log that a
+resumed run continues instead of replacing, and SLURM's pre-timeout signal turned into checkpoint + requeue."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from distillprune.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -71,3 +78,51 @@ class _AppendingWriter(ExperimentWriter):
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+
+class RequeueOnSignal(L.Callback):
+    """SIGUSR1 (what ``sbatch --signal=SIGUSR1@90`` sends before the time limit): write ``hpc_ckpt_<n>.ckpt`` and
+    requeue the job, at the end of a training step that every rank reaches together.
+
+    Lightning's own SLURM handler saves inside the signal handler, wherever each rank happens to be; under DDP one
+    rank can then wait in the checkpoint's barrier while another waits in a gradient all-reduce, and the job hangs
+    until its time limit. Here the handler only sets a flag; the flag is max-reduced over the ranks after every
+    step, so all of them checkpoint at the same step. Then global rank 0 runs ``scontrol requeue`` and every rank
+    stops; ``resume=auto`` continues from the checkpoint in the requeued job."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self.requeued = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        flag = torch.tensor(float(self.signalled), device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if flag.item() == 0:
+            return
+        log.info("Handling auto-requeue signal at step %d", trainer.global_step)
+        trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+        if trainer.is_global_zero:
+            job = os.environ["SLURM_JOB_ID"]
+            if "SLURM_ARRAY_JOB_ID" in os.environ:
+                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if done.returncode == 0:
+                log.info("Requeued SLURM job: %s", job)
+            else:
+                log.warning("scontrol requeue %s failed (%s); the checkpoint is written", job, done.stderr.strip())
+        self.requeued = True
+        trainer.should_stop = True
+
+
+def slurm_plugins() -> tuple[list[Any], list[L.Callback]]:
+    """Inside a SLURM job: the SLURM environment without Lightning's requeue handler, and ``RequeueOnSignal``."""
+    if not SLURMEnvironment.detect():
+        return [], []
+    return [SLURMEnvironment(auto_requeue=False)], [RequeueOnSignal()]

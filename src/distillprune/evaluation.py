@@ -72,7 +72,7 @@ def evaluate_models(
         "repeats": speed.repeats,
         "memory": "torch.cuda.max_memory_allocated"
         if device.type == "cuda"
-        else "the weights plus the peak rise of the process's resident memory during generation",
+        else "the weights plus the larger of the KV cache at the end and the rise of the resident memory",
         "zero_shot_tasks": list(zs.tasks),
         "zero_shot_n": zs.n,
         "device": torch.cuda.get_device_name(device)

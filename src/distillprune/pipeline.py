@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
-from distillprune.checkpoint import AtomicCheckpointIO, ResumedCSVLogger, resolve_resume
+from distillprune.checkpoint import AtomicCheckpointIO, RequeueOnSignal, ResumedCSVLogger, resolve_resume, slurm_plugins
 from distillprune.config import instantiate
 from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
@@ -122,6 +122,11 @@ def train(
     fit_start = time.perf_counter()
     trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
     fit_s = time.perf_counter() - fit_start
+    if any(isinstance(c, RequeueOnSignal) and c.requeued for c in trainer.callbacks):
+        log.info("checkpointed for the requeued job; this attempt ends here")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise SystemExit(0)
     student = trained_student(trainer, system.student)  # a collective: every rank takes part
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # the other ranks are done; one left open can abort at exit
@@ -167,7 +172,8 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
         mode="max",
         save_last="link",
     )
-    callbacks: list = [ckpt]
+    slurm_env, slurm_callbacks = slurm_plugins()
+    callbacks: list = [ckpt, *slurm_callbacks]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
     return instantiate(
@@ -178,7 +184,7 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
         default_root_dir=str(out),
         callbacks=callbacks,
         logger=build_loggers(cfg, out),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *slurm_env],
     )
 
 

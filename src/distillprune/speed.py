@@ -2,8 +2,8 @@
 
 Prompts are equal-length windows of real text (no padding), decoding is greedy with a fixed number of new
 tokens, and each figure is the median of ``repeats`` timed runs after one untimed warm-up. Peak memory is
-``torch.cuda.max_memory_allocated`` on CUDA; on CPU it is the weights plus the largest rise of the process's
-resident set (VmHWM, reset before each run) over its size before the run: activations, logits and KV cache.
+``torch.cuda.max_memory_allocated`` on CUDA; on CPU it is the weights plus the larger of the KV cache the
+generation ends with (from its tensors) and the rise of the process's resident set (VmHWM, reset before the run).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import re
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -60,8 +61,8 @@ def generation_speed(
     return out
 
 
-def _generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> None:
-    model.generate(
+def _generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> Any:
+    return model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=new_tokens,
@@ -69,7 +70,18 @@ def _generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, pad_to
         do_sample=False,
         use_cache=True,
         pad_token_id=pad_token_id,
+        return_dict_in_generate=True,
     )
+
+
+def cache_mb(cache: Any) -> float:
+    """Bytes held by a KV cache (transformers' ``Cache`` with ``layers``, or legacy nested tuples), in MiB."""
+    if cache is None:
+        return 0.0
+    layers = getattr(cache, "layers", None)
+    pairs = [(getattr(x, "keys", None), getattr(x, "values", None)) for x in layers] if layers else list(cache)
+    tensors = [t for pair in pairs for t in pair if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -85,7 +97,9 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _timed_with_peak(fn, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn`` and its peak memory in MiB (CUDA: allocated; CPU: rise of the resident set)."""
+    """Median seconds of ``fn`` and its peak memory beyond the weights in MiB: CUDA's allocator peak; on CPU the
+    larger of the KV cache that the call ends with and the rise of the resident set (the allocator's reuse of
+    freed memory can hide the rise, the cache is measured from its tensors)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         seconds = _median_time(fn, repeats)
@@ -93,8 +107,9 @@ def _timed_with_peak(fn, repeats: int) -> tuple[float, float]:
     before = _rss_kb("VmRSS")
     reset = _reset_peak_rss()
     seconds = _median_time(fn, repeats)
-    rise = max(_rss_kb("VmHWM") - before, 0) / 1024 if reset else float("nan")
-    return seconds, rise
+    rise = max(_rss_kb("VmHWM") - before, 0) / 1024 if reset else 0.0
+    out = fn()
+    return seconds, max(rise, cache_mb(getattr(out, "cache", None) or out.past_key_values))
 
 
 def _sync() -> None:
