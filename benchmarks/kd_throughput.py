@@ -1,14 +1,15 @@
 """Logit-KD training step: distillprune vs TRL's GKDTrainer, tokens/s and peak memory, side by side.
 
-    python benchmarks/kd_throughput.py [--batch 4] [--seq-len 256] [--steps 6] [--warmup 1]
+    python benchmarks/kd_throughput.py [--batch 4] [--seq-len 256] [--steps 4] [--warmup 1]
 
 Same teacher (SmolLM2-135M), student (its layers [0, 6, 12, 18, 24, 29]), batch, sequence length, float32 and the
 same Shakespeare blocks for both. TRL runs GKDTrainer with beta=0 (forward KL, teacher || student), lmbda=0 (no
 on-policy samples), temperature 1, gradient checkpointing off, AdamW; distillprune runs DistillSystem with the
 same objective (kd_weight=1, ForwardKL, T=1) for each loss.impl. A step is forward (both models) + backward +
 optimizer step, data loading included; tokens/s is batch x seq_len over the median of the timed steps after the
-warm-up. Each engine runs in a fresh process; peak MB is that process's peak resident memory (VmHWM). Writes
-benchmarks/results/kd_throughput.json.
+warm-up. Each engine runs in a fresh process, twice (in the order TRL, ours, ..., then reversed, so that a drift of
+the machine's speed does not favour one side); peak MB is the peak resident memory (VmHWM) of its processes.
+Writes benchmarks/results/kd_throughput.json.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # one engine, in a child process
     args = parser.parse_args()
@@ -43,7 +44,19 @@ def main() -> None:
         return
     common = ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
     common += ["--warmup", str(args.warmup)]
-    rows = {e: run_child(Path(__file__), [*common, "--engine", e]) for e in ENGINES}
+    runs: dict[str, list[dict]] = {e: [] for e in ENGINES}
+    for engine in ENGINES + ENGINES[::-1]:  # two rounds, the second in reverse: a drift of the machine cancels
+        runs[engine].append(run_child(Path(__file__), [*common, "--engine", engine]))
+    rows = {}
+    for engine, done in runs.items():
+        timed = [t for r in done for t in r["timed_s"]]
+        step_s = statistics.median(timed)
+        rows[engine] = {
+            "tokens_per_s": round(args.batch * args.seq_len / step_s, 1),
+            "step_s": round(step_s, 3),
+            "timed_s": timed,
+            "peak_mb": max(r["peak_mb"] for r in done),
+        }
     trl = rows["trl"]["tokens_per_s"]
     header = ["engine", "tokens/s", "s/step (median)", "peak MB", "vs TRL"]
     body = [
@@ -67,14 +80,7 @@ def run_engine(engine: str, batch: int, seq_len: int, steps: int, warmup: int) -
         if engine == "trl"
         else _ours(engine, teacher, student, blocks, batch)
     )
-    timed = times[warmup:]
-    step_s = statistics.median(timed)
-    return {
-        "tokens_per_s": round(batch * seq_len / step_s, 1),
-        "step_s": round(step_s, 3),
-        "steps_s": [round(t, 3) for t in times],
-        "peak_mb": round(peak_rss_mb()),
-    }
+    return {"timed_s": [round(t, 3) for t in times[warmup:]], "peak_mb": round(peak_rss_mb())}
 
 
 def _ours(engine: str, teacher, student, blocks: torch.Tensor, batch: int) -> list[float]:

@@ -1,6 +1,6 @@
 """Generation speed of pruned vs dense SmolLM2-135M at 10 / 20 / 30 / 50% of parameters removed.
 
-    python benchmarks/prune_speed.py [--ratios 0.1,0.2,0.3,0.5] [--repeats 5]
+    python benchmarks/prune_speed.py [--ratios 0.1,0.2,0.3,0.5] [--repeats 3]
 
 The prune_lora recipe's pruning (Taylor importance from 8 calibration blocks, GQA-aware, uniform widths over
 layers 3-26), scored once and applied to a copy of the dense model per ratio, no recovery. Each model generates 32
@@ -43,7 +43,7 @@ def pruned_copy(dense, scores, ratio: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     tok = load_tokenizer(TEACHER)

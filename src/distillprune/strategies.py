@@ -101,13 +101,18 @@ def resolve_loss_impl(strategy: str, impl: str) -> str:
 
 
 def adamw(strategy: Strategy) -> Callable[..., torch.optim.Optimizer]:
-    """AdamW for the strategy: DeepSpeed's CPU Adam (AdamW mode) when ZeRO offloads the optimizer, else torch's."""
+    """AdamW for the strategy: DeepSpeed's CPU Adam (AdamW mode) when ZeRO offloads the optimizer; torch's fused
+    AdamW (one kernel for all parameters) where parameters are plain tensors (one device, DDP); else torch's."""
     zero = (getattr(strategy, "config", None) or {}).get("zero_optimization", {})
-    if isinstance(strategy, DeepSpeedStrategy) and zero.get("offload_optimizer"):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    if isinstance(strategy, DeepSpeedStrategy):
+        if zero.get("offload_optimizer"):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return lambda groups, **kw: DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    return torch.optim.AdamW
+            return lambda groups, **kw: DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        return torch.optim.AdamW
+    if isinstance(strategy, ModelParallelStrategy):
+        return torch.optim.AdamW  # FSDP2's DTensor shards
+    return lambda groups, **kw: torch.optim.AdamW(groups, fused=True, **kw)
 
 
 def shard_fsdp2(model: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> None:
