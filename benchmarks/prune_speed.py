@@ -1,6 +1,6 @@
 """Generation speed of pruned vs dense SmolLM2-135M at 10 / 20 / 30 / 50% of parameters removed.
 
-    python benchmarks/prune_speed.py [--ratios 0.1,0.2,0.3,0.5] [--repeats 3]
+    python benchmarks/prune_speed.py [--ratios 0.1,0.2,0.3,0.5] [--repeats 3] [--round-to 1]
 
 The prune_lora recipe's pruning (Taylor importance from 8 calibration blocks, GQA-aware, uniform widths over
 layers 3-26), scored once and applied to a copy of the dense model per ratio, no recovery. Each model generates 32
@@ -33,10 +33,10 @@ LAYERS = list(range(3, 27))
 TARGET = 1.25
 
 
-def pruned_copy(dense, scores, ratio: float):
+def pruned_copy(dense, scores, ratio: float, round_to: int = 1):
     model = copy.deepcopy(dense)
-    checked = plan(model, ratio, LAYERS, "q_per_group", 1, ("heads", "channels"))
-    apply(model, select(scores, checked, layer_widths(model), "q_per_group", True, 1))
+    checked = plan(model, ratio, LAYERS, "q_per_group", round_to, ("heads", "channels"))
+    apply(model, select(scores, checked, layer_widths(model), "q_per_group", True, round_to))
     return model
 
 
@@ -44,6 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--round-to", type=int, default=1, help="kept MLP channels rounded to a multiple (prune.round_to)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     tok = load_tokenizer(TEACHER)
@@ -53,7 +56,7 @@ def main() -> None:
     prompts = kd_blocks(tok, 64, 16, seed=7)  # [16, 64]
     rows, data = [], []
     for ratio in (float(r) for r in args.ratios.split(",")):
-        model = pruned_copy(dense, scores, ratio)
+        model = pruned_copy(dense, scores, ratio, args.round_to)
         removed = 1 - count_params(model) / count_params(dense)
         speeds = {}
         for bs in (1, 16):
@@ -73,10 +76,13 @@ def main() -> None:
         marks = [f"{at20[b]['speedup']:.2f}x at batch {b}" for b in (1, 16)]
         met = ["met" if at20[b]["speedup"] >= TARGET else "MISSED" for b in (1, 16)]
         verdict = f"; at 20%: {', '.join(marks)} (target >= {TARGET}x: {met[0]} / {met[1]})"
-    title = f"Pruned vs dense generation, SmolLM2-135M ({count_params(dense):,} params), float32{verdict}"
+    rounding = f", MLP widths rounded to {args.round_to}" if args.round_to > 1 else ""
+    title = f"Pruned vs dense generation, SmolLM2-135M ({count_params(dense):,} params), float32{rounding}{verdict}"
     header = ["ratio", "removed", "params", "dense tok/s b1", "pruned tok/s b1", "speed-up b1",
               "dense tok/s b16", "pruned tok/s b16", "speed-up b16"]  # fmt: skip
-    command = f"python benchmarks/prune_speed.py --ratios {args.ratios} --repeats {args.repeats}"
+    command = (
+        f"python benchmarks/prune_speed.py --ratios {args.ratios} --repeats {args.repeats} --round-to {args.round_to}"
+    )
     write_result(
         "prune_speed",
         command,
