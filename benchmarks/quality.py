@@ -25,16 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import KEEP_LAYERS, TEACHER, fit, kd_blocks, table, write_result  # noqa: E402
-from prune_speed import LAYERS  # noqa: E402
+from prune_speed import LAYERS, pruned_copy  # noqa: E402
 
 from distillprune.data import load_documents, split_documents  # noqa: E402
 from distillprune.distill import DistillSystem  # noqa: E402
 from distillprune.evaluate import count_params, strided_perplexity  # noqa: E402
 from distillprune.losses import ForwardKL  # noqa: E402
 from distillprune.models import load_model, load_student, load_tokenizer  # noqa: E402
-from distillprune.prune.groups import layer_widths  # noqa: E402
 from distillprune.prune.importance import score  # noqa: E402
-from distillprune.prune.surgery import apply, plan, select  # noqa: E402
 
 
 def held_out(tok) -> torch.Tensor:
@@ -74,11 +72,10 @@ def main() -> None:
     calibration = [{"input_ids": b.unsqueeze(0)} for b in kd_blocks(tok, 128, 8)]
     imp_rows, pruned = [], {}
     for importance in ("taylor", "l2", "random"):
-        model = copy.deepcopy(teacher).requires_grad_(True)  # the teacher was frozen by the KD run
-        scores, _ = score(model, calibration, importance, LAYERS, "sum", 1234)
-        checked = plan(model, 0.2, LAYERS, "q_per_group", 1, ("heads", "channels"))
-        apply(model, select(scores, checked, layer_widths(model), "q_per_group", True, 1))
-        pruned[importance] = model
+        scoring = copy.deepcopy(teacher).requires_grad_(True)  # the teacher was frozen by the KD run
+        scores, _ = score(scoring, calibration, importance, LAYERS, "sum", 1234)
+        model = pruned[importance] = pruned_copy(scoring, scores, 0.2)
+        del scoring
         removed = 1 - count_params(model) / count_params(teacher)
         imp_rows.append([importance, f"{removed:.1%}", f"{ppl(model, ids):.1f}"])
         results[f"prune_{importance}"] = {"removed_fraction": removed, "ppl": float(imp_rows[-1][2])}

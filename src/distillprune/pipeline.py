@@ -122,14 +122,14 @@ def train(
     fit_start = time.perf_counter()
     trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
     fit_s = time.perf_counter() - fit_start
-    if any(isinstance(c, RequeueOnSignal) and c.requeued for c in trainer.callbacks):
-        log.info("checkpointed for the requeued job; this attempt ends here")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        raise SystemExit(0)
-    student = trained_student(trainer, system.student)  # a collective: every rank takes part
+    requeued = any(isinstance(c, RequeueOnSignal) and c.requeued for c in trainer.callbacks)
+    # a collective: every rank takes part (or none, when the job was checkpointed for its requeued attempt)
+    student = None if requeued else trained_student(trainer, system.student)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # the other ranks are done; one left open can abort at exit
+    if requeued:
+        log.info("checkpointed for the requeued job; this attempt ends here")
+        raise SystemExit(0)
     return trainer, system, fit_s, student
 
 

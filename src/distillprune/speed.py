@@ -49,7 +49,7 @@ def generation_speed(
     out = {}
     for bs in batch_sizes:
         ids = prompts[:bs].to(device)  # [B, P]
-        first = _median_time(lambda ids=ids: _generate(model, ids, 1, pad_token_id), repeats)
+        first, _ = _median_time(lambda ids=ids: _generate(model, ids, 1, pad_token_id), repeats)
         whole, peak = _timed_with_peak(lambda ids=ids: _generate(model, ids, new_tokens, pad_token_id), repeats)
         out[str(bs)] = {
             "tokens_per_s": round(bs * new_tokens / whole, 2),
@@ -84,16 +84,17 @@ def cache_mb(cache: Any) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, lazy imports
+def _median_time(fn, repeats: int) -> tuple[float, Any]:
+    """Median seconds of ``fn`` over ``repeats`` timed calls after an untimed warm-up, and the last call's result."""
+    out = fn()  # warm-up: allocator, kernels, lazy imports
     times = []
     for _ in range(repeats):
         _sync()
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         _sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
 def _timed_with_peak(fn, repeats: int) -> tuple[float, float]:
@@ -102,13 +103,12 @@ def _timed_with_peak(fn, repeats: int) -> tuple[float, float]:
     freed memory can hide the rise, the cache is measured from its tensors)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-        seconds = _median_time(fn, repeats)
+        seconds, _ = _median_time(fn, repeats)
         return seconds, torch.cuda.max_memory_allocated() / 2**20
     before = _rss_kb("VmRSS")
     reset = _reset_peak_rss()
-    seconds = _median_time(fn, repeats)
+    seconds, out = _median_time(fn, repeats)
     rise = max(_rss_kb("VmHWM") - before, 0) / 1024 if reset else 0.0
-    out = fn()
     return seconds, max(rise, cache_mb(getattr(out, "cache", None) or out.past_key_values))
 
 
