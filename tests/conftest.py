@@ -11,6 +11,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded in the tests: a hub id fails at once
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -154,10 +155,42 @@ def tiny_overrides(model_dir: Path, data_file: Path, out: Path, steps: int = 4) 
         "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",
-        "trainer.precision=32-true",
-        "trainer.accelerator=cpu",
         "checkpoint.every_n_steps=2",
         "logger.wandb.mode=disabled",
         f"output_dir={out}",
         *TINY_EVAL,
     ]
+
+
+def seq_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
+    return [
+        f"teacher.name={model_dir}", f"student.name={model_dir}", "student.keep_layers=[0,3]", "prompts.n=40",
+        "prompts.eval_fraction=0.2", "generate.max_new_tokens=8", f"generate.cache_dir={cache}",
+        "data.batch_size=4", "data.val_batches=2", "trainer.max_steps=6", "trainer.val_check_interval=3",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_steps=3", "logger.wandb.mode=disabled", "system.lr=3e-3",
+        f"output_dir={out}",
+        *TINY_EVAL,
+    ]  # fmt: skip
+
+
+def icl_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
+    return [
+        f"teacher.name={model_dir}", f"student.name={model_dir}", "task.n=60", "task.n_eval=8", "task.n_demos=8",
+        "task.k=2", f"generate.cache_dir={cache}", "data.batch_size=4", "data.val_batches=2",
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_steps=2", "logger.wandb.mode=disabled", f"output_dir={out}",
+        *TINY_EVAL,
+    ]  # fmt: skip
+
+
+def prune_overrides(model_dir: Path, data_file: Path, out: Path) -> list[str]:
+    return [
+        f"model.name={model_dir}", "prune.layers=1:3", f"prune.calibration.source={data_file}",
+        "prune.calibration.seq_len=32", "prune.calibration.samples=4", f"data.source={data_file}", "data.seq_len=32",
+        "data.batch_size=2", "data.val_batches=2", "data.val_fraction=0.2", "trainer.max_steps=4",
+        "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_steps=2", "logger.wandb.mode=disabled", f"output_dir={out}",
+        *TINY_EVAL,
+    ]  # fmt: skip

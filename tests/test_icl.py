@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_EVAL, run_train
+from conftest import icl_overrides, run_train
 from distillprune.data import IGNORE_INDEX
 from distillprune.errors import UserError
 from distillprune.icl import answer_matches, encode_views, load_task
@@ -52,17 +52,6 @@ def test_answer_matching() -> None:
     assert answer_matches("Bible.", "Bible") and answer_matches("  shakespeare, surely", "Shakespeare")
     assert not answer_matches("The text is from the Bible", "Bible")
     assert not answer_matches("", "Bible")
-
-
-def icl_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
-    return [
-        f"teacher.name={model_dir}", f"student.name={model_dir}", "task.n=60", "task.n_eval=8", "task.n_demos=8",
-        "task.k=2", f"generate.cache_dir={cache}", "data.batch_size=4", "data.val_batches=2",
-        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false", "trainer.precision=32-true", "trainer.accelerator=cpu",
-        "checkpoint.every_n_steps=2", "logger.wandb.mode=disabled", f"output_dir={out}",
-        *TINY_EVAL,
-    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("kd_weight", ["1.0", "0.0"])

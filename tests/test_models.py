@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_model
 from distillprune.errors import UserError
 from distillprune.models import (
-    choose_attention,
     drop_layers,
     export,
     load_model,
@@ -66,14 +65,6 @@ def test_model_names(tmp_path: Path) -> None:
         resolve(str(tmp_path))
     with pytest.raises(UserError, match="could not load 'nobody-xyz/none' from the hub"):
         load_model("nobody-xyz/none")
-
-
-def test_attention_choice() -> None:
-    assert choose_attention("auto") == "sdpa" or torch.cuda.is_available()
-    assert choose_attention("eager") == "eager"
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="flash_attention_2 needs flash-attn"):
-            choose_attention("flash_attention_2")
 
 
 def test_vocab_padding_is_aligned_and_real_mismatch_fails(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import TINY_EVAL, make_tiny_model, run_train
+from conftest import make_tiny_model, prune_overrides, run_train
 from distillprune.errors import UserError
 from distillprune.prune import apply, layer_widths, plan, score, select
 from distillprune.prune.groups import head_dim
@@ -169,17 +169,6 @@ def test_gradient_scores_report_peak_memory(model) -> None:
     _, _, peak = _prune(model, method="taylor")
     assert peak > 0
     assert all(p.grad is None for p in model.parameters())  # nothing left behind
-
-
-def prune_overrides(model_dir: Path, data_file: Path, out: Path) -> list[str]:
-    return [
-        f"model.name={model_dir}", "prune.layers=1:3", f"prune.calibration.source={data_file}",
-        "prune.calibration.seq_len=32", "prune.calibration.samples=4", f"data.source={data_file}", "data.seq_len=32",
-        "data.batch_size=2", "data.val_batches=2", "data.val_fraction=0.2", "trainer.max_steps=4",
-        "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "trainer.precision=32-true",
-        "trainer.accelerator=cpu", "checkpoint.every_n_steps=2", "logger.wandb.mode=disabled", f"output_dir={out}",
-        *TINY_EVAL,
-    ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

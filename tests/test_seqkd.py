@@ -7,22 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_EVAL, run_train
+from conftest import run_train, seq_overrides
 from distillprune.errors import UserError
 from distillprune.evaluate import rouge_l, token_match
 from distillprune.prompts import load_prompts
-
-
-def seq_overrides(model_dir: Path, out: Path, cache: Path) -> list[str]:
-    return [
-        f"teacher.name={model_dir}", f"student.name={model_dir}", "student.keep_layers=[0,3]", "prompts.n=40",
-        "prompts.eval_fraction=0.2", "generate.max_new_tokens=8", f"generate.cache_dir={cache}",
-        "data.batch_size=4", "data.val_batches=2", "trainer.max_steps=6", "trainer.val_check_interval=3",
-        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.precision=32-true",
-        "trainer.accelerator=cpu", "checkpoint.every_n_steps=3", "logger.wandb.mode=disabled", "system.lr=3e-3",
-        f"output_dir={out}",
-        *TINY_EVAL,
-    ]  # fmt: skip
 
 
 def test_seq_distill_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -27,7 +27,8 @@ def _losses(out: Path) -> dict[int, float]:
 
 def _train_twice(model_dir: Path, text: Path, out: Path, batch: int, *extra: str) -> Path:
     """4 steps, then a resume from the step-4 checkpoint to step 6: the path a stopped job takes."""
-    common = ["system.warmup_steps=1", f"data.batch_size={batch}", "data.val_batches=1", *extra]  # after the tiny ones
+    common = ["system.warmup_steps=1", f"data.batch_size={batch}", "data.val_batches=1", "trainer.precision=32-true",
+              *extra]  # fmt: skip  # after the tiny ones
     run_train("recipe=logit_distill", *tiny_overrides(model_dir, text, out, steps=4), *common)
     run_train("recipe=logit_distill", *tiny_overrides(model_dir, text, out, steps=6), "resume=auto", *common)
     return out

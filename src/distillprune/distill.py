@@ -13,6 +13,8 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch import Tensor
 from transformers import PreTrainedModel
 
@@ -177,10 +179,26 @@ class DistillSystem(L.LightningModule):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = adamw(self.trainer.strategy)(groups, lr=self.lr, betas=self.betas)
-        total = max(self.trainer.max_steps, 1)
+        optimizer = adamw(self.trainer.strategy, self.trainer.precision_plugin)(groups, lr=self.lr, betas=self.betas)
+        # max_steps -1 (train by epochs): the trainer's estimate of the optimizer steps the epochs take
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        total = max(int(total), 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self._lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        """Clip as Lightning does, except under bf16 autocast with a fused optimizer: Lightning's mixed-precision
+        plugin refuses any fused optimizer there because fp16 loss scaling would need unscaling first, but bf16
+        has no loss scale, so the plain norm clipping of the gradients is exact."""
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

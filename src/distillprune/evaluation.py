@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distillprune.data import document_text, load_documents, split_documents
 from distillprune.errors import UserError
 from distillprune.evaluate import count_params, flops_per_token, strided_perplexity
+from distillprune.hardware import run_device
 from distillprune.models import load_model, load_tokenizer
 from distillprune.report import log_to_wandb, plot_sweep, plot_training, plot_widths, write_report
 from distillprune.speed import generation_speed, weights_mb
@@ -137,11 +138,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = prepare_output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     load = {k: cfg[k] for k in ("dtype", "attn_implementation", "trust_remote_code")}
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = run_device(str(cfg.device)) if cfg.device in ("auto", "cpu", "cuda", "gpu") else torch.device(cfg.device)
     models = {}
     if cfg.baseline:
-        models[f"baseline: {cfg.baseline}"] = load_model(cfg.baseline, **load).to(device)
-    models[f"model: {cfg.model}"] = load_model(cfg.model, **load).to(device)
+        models[f"baseline: {cfg.baseline}"] = load_model(cfg.baseline, **load, device=device)
+    models[f"model: {cfg.model}"] = load_model(cfg.model, **load, device=device)
     tok = load_tokenizer(cfg.model)
     metrics: dict[str, Any] = {}
     evaluate_stage(cfg, models, tok, out, metrics, build_loggers(cfg, out))

@@ -34,6 +34,7 @@ from distillprune.data import (
 from distillprune.errors import UserError
 from distillprune.evaluation import evaluate_stage
 from distillprune.generate import batches, chat_prompt, generate, teacher_responses
+from distillprune.hardware import run_device
 from distillprune.models import export, load_model, load_student, load_tokenizer
 from distillprune.pipeline import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
 from distillprune.prompts import _kjv_verses, _speeches
@@ -59,7 +60,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     evals, demos, queries = examples[:n_eval], examples[n_eval : n_eval + n_demos], examples[n_eval + n_demos :]
 
     tok = load_tokenizer(cfg.teacher.name)
-    teacher, student = load_model(**cfg.teacher), load_student(**cfg.student)
+    device = run_device(str(cfg.trainer.accelerator))
+    teacher = load_model(**cfg.teacher, device=device, role="teacher")
+    student = load_student(**cfg.student, device=device)
     views = [_views(q, demos, task, rng, f"q{i}") for i, q in enumerate(queries)]
     eval_views = [_views(q, demos, task, rng, f"e{i}") for i, q in enumerate(evals)]
     few_shot = [{"id": v["id"], "messages": v["teacher"]} for v in views]

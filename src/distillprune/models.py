@@ -8,7 +8,6 @@ checked logit for logit against the GGUF load, and loaded from there afterwards.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import re
 import shutil
@@ -21,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from distillprune.assets import cache_dir, package_dir
 from distillprune.errors import UserError
+from distillprune.hardware import choose_attention, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +52,6 @@ def resolve(name: str) -> str:
     )
 
 
-def choose_attention(requested: str = "auto") -> str:
-    """``flash_attention_2`` when flash-attn is importable and CUDA is present, else ``sdpa``; or as requested."""
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    if requested == "auto":
-        if has_flash and torch.cuda.is_available():
-            choice, why = "flash_attention_2", "flash-attn is installed and CUDA is present"
-        else:
-            choice = "sdpa"
-            why = "no CUDA device" if has_flash else "flash-attn is not installed"
-        log.info("attention: %s (%s)", choice, why)
-        return choice
-    if requested == "flash_attention_2" and not (has_flash and torch.cuda.is_available()):
-        raise UserError("attn_implementation=flash_attention_2 needs flash-attn and a CUDA GPU; use auto or sdpa")
-    log.info("attention: %s (as requested)", requested)
-    return requested
-
-
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model; a pad token is set (to EOS) when the model has none."""
     tok = _from_hub_or_disk(AutoTokenizer.from_pretrained, name)
@@ -82,15 +65,21 @@ def load_model(
     dtype: str = "float32",
     attn_implementation: str = "auto",
     trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+    role: str = "model",
 ) -> PreTrainedModel:
-    """A pretrained causal LM from an alias, a local folder or the hub."""
-    return _from_hub_or_disk(
+    """A pretrained causal LM from an alias, a local folder or the hub, on ``device`` (``dtype`` ``auto``:
+    bfloat16 on a GPU, float32 on the CPU); attention is chosen for that device and dtype."""
+    device = torch.device(device)
+    torch_dtype = _dtype(resolve_dtype(dtype, device, role))
+    model = _from_hub_or_disk(
         AutoModelForCausalLM.from_pretrained,
         name,
-        dtype=_dtype(dtype),
-        attn_implementation=choose_attention(attn_implementation),
+        dtype=torch_dtype,
+        attn_implementation=choose_attention(attn_implementation, device, torch_dtype, role=role),
         trust_remote_code=trust_remote_code,
     )
+    return model.to(device)
 
 
 def load_student(
@@ -102,25 +91,31 @@ def load_student(
     attn_implementation: str = "auto",
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """A student: ``pretrained`` weights of ``name``, ``layer_drop`` (keep ``keep_layers`` of ``name``, DistilBERT
-    style), or ``config`` (fresh random weights from ``name``'s config with ``config_overrides`` applied)."""
+    """A student on ``device``: ``pretrained`` weights of ``name``, ``layer_drop`` (keep ``keep_layers`` of
+    ``name``, DistilBERT style), or ``config`` (fresh random weights from ``name``'s config with
+    ``config_overrides`` applied)."""
+    device = torch.device(device)
     if init == "pretrained":
-        model = load_model(name, dtype, attn_implementation, trust_remote_code)
+        model = load_model(name, dtype, attn_implementation, trust_remote_code, device, role="student")
     elif init == "layer_drop":
         if not keep_layers:
             raise UserError("student.init=layer_drop needs student.keep_layers, e.g. [0, 6, 12, 18, 24, 29]")
-        model = drop_layers(load_model(name, dtype, attn_implementation, trust_remote_code), list(keep_layers))
+        source = load_model(name, dtype, attn_implementation, trust_remote_code, device, role="student")
+        model = drop_layers(source, list(keep_layers)).to(device)
     elif init == "config":
         config = _from_hub_or_disk(AutoConfig.from_pretrained, name, trust_remote_code=trust_remote_code)
         for key, value in (config_overrides or {}).items():
             if not hasattr(config, key):
                 raise UserError(f"student.config_overrides: {type(config).__name__} has no field '{key}'")
             setattr(config, key, value)
-        config.dtype = _dtype(dtype)
+        torch_dtype = _dtype(resolve_dtype(dtype, device, "student"))
+        config.dtype = torch_dtype
+        attention = choose_attention(attn_implementation, device, torch_dtype, role="student")
         model = AutoModelForCausalLM.from_config(
-            config, attn_implementation=choose_attention(attn_implementation), trust_remote_code=trust_remote_code
-        ).to(_dtype(dtype))
+            config, attn_implementation=attention, trust_remote_code=trust_remote_code
+        ).to(device=device, dtype=torch_dtype)
     else:
         raise UserError(f"student.init '{init}' is unknown; choose pretrained, layer_drop or config")
     if gradient_checkpointing:

@@ -25,10 +25,11 @@ from distillprune.config import instantiate
 from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
 from distillprune.evaluation import evaluate_stage
+from distillprune.hardware import decisions, resolve_precision, run_device
 from distillprune.losses import Divergence
 from distillprune.models import export, load_model, load_student, load_tokenizer, shared_vocab_size
 from distillprune.report import comparison_rows
-from distillprune.strategies import build_strategy, resolve_loss_impl, resolve_precision, trained_student
+from distillprune.strategies import build_strategy, resolve_loss_impl, trained_student
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,16 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     loss = kd_loss(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    device = run_device(str(cfg.trainer.accelerator))
     tokenizer = load_tokenizer(cfg.student.name)
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     data.setup("fit")
-    student = load_student(**cfg.student)
+    student = load_student(**cfg.student, device=device)
     metrics: dict[str, Any] = {"params": {"student": _count(student)}}
     teacher = None
     lead = rank_zero_only.rank == 0  # other ranks (started by the launcher or srun) only train
     if cfg.teacher is not None:
-        teacher = load_model(**cfg.teacher)
+        teacher = load_model(**cfg.teacher, device=device, role="teacher")
         metrics["params"]["teacher"] = _count(teacher)
         if lead:
             metrics["teacher"] = perplexity(teacher, data.val_dataloader())
@@ -84,9 +86,10 @@ def evaluation_teacher(
 ) -> PreTrainedModel:
     """The teacher for the evaluation stage: the one in memory after a single-process run; loaded again when
     training did not keep it (CE-only) or sharded it across ranks (ZeRO-3 / FSDP)."""
+    device = next(student.parameters()).device
     if teacher is None or world_size > 1:
-        teacher = load_model(**cfg.teacher)
-    return teacher.to(next(student.parameters()).device)
+        teacher = load_model(**cfg.teacher, device=device, role="teacher")
+    return teacher.to(device)
 
 
 def kd_loss(cfg: DictConfig) -> Divergence | None:
@@ -247,6 +250,7 @@ _TABLES = {
 
 def write_metrics(metrics: dict[str, Any], out: Path) -> None:
     """Write ``metrics.json`` atomically and print what it holds as small tables."""
+    metrics["auto"] = decisions()  # what each auto setting chose on this machine, and why
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")

@@ -23,6 +23,7 @@ from distillprune.errors import UserError
 from distillprune.evaluate import rouge_l, token_match
 from distillprune.evaluation import evaluate_stage
 from distillprune.generate import PromptRow, batches, chat_prompt, generate, teacher_responses
+from distillprune.hardware import run_device
 from distillprune.models import export, load_model, load_student, load_tokenizer
 from distillprune.pipeline import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
 from distillprune.prompts import load_prompts
@@ -43,7 +44,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.n, cfg.seed)
     train_docs, eval_docs = split_documents([(p["id"], p) for p in prompts], cfg.prompts.eval_fraction, cfg.seed)
     train_prompts, eval_prompts = [p for _, p in train_docs], [p for _, p in eval_docs]
-    teacher = load_model(**cfg.teacher)
+    device = run_device(str(cfg.trainer.accelerator))
+    teacher = load_model(**cfg.teacher, device=device, role="teacher")
     metrics: dict[str, Any] = {"prompts": {"train": len(train_prompts), "eval": len(eval_prompts)}}
 
     gen_start = time.perf_counter()
@@ -53,7 +55,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return _finish(metrics, out, start)
 
     files = _write_training_files(out / "data", train_prompts, eval_prompts, responses)
-    student = load_student(**cfg.student)
+    student = load_student(**cfg.student, device=device)
     if "evaluate" in cfg.stages:
         metrics["teacher_agreement"] = {"before": agreement(student, tok, eval_prompts, responses, cfg)}
     trainer = None
@@ -127,7 +129,7 @@ def _reference_student(
 ) -> dict[str, float]:
     """The same student and steps, trained with CE on the reference answers instead of the teacher's."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    student = load_student(**cfg.student)
+    student = load_student(**cfg.student, device=run_device(str(cfg.trainer.accelerator)))
     data = instantiate(
         cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["reference"]), val_source=str(files["val"])
     )

@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, Strategy
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distillprune.errors import UserError
+from distillprune.hardware import decide
 
 log = logging.getLogger(__name__)
 
@@ -61,37 +63,15 @@ def build_strategy(name: str, accelerator: str = "auto", devices: int | str = "a
     raise UserError(f"trainer.strategy '{name}' is unknown; choose {', '.join(CHOICES)}")
 
 
-def resolve_precision(precision: str, accelerator: str = "auto") -> str:
-    """``auto``: ``bf16-mixed`` where the hardware runs bfloat16 fast (a CUDA GPU with bf16; a CPU with AMX or
-    AVX512-BF16), else ``32-true``; one log line says which and why. Other values are used as given."""
-    on_gpu = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-    fast_bf16 = torch.cuda.is_bf16_supported() if on_gpu else _cpu_has_fast_bf16()
-    device = "CUDA GPU" if on_gpu else "CPU"
-    if precision == "auto":
-        choice = "bf16-mixed" if fast_bf16 else "32-true"
-        log.info("precision: %s (%s %s bfloat16 support)", choice, device, "with" if fast_bf16 else "without fast")
-        return choice
-    if precision.startswith("bf16") and not fast_bf16:
-        log.warning("precision %s on a %s without fast bfloat16 runs many times slower than 32-true (auto)",
-                    precision, device)  # fmt: skip
-    return precision
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
-
-
 def resolve_loss_impl(strategy: str, impl: str) -> str:
     """The loss implementation to run: ``auto`` is ``fused_linear`` (least memory, fastest) where the lm_head
     weights exist whole, ``chunked`` where parameters exist only as shards (ZeRO-3, FSDP, a DeepSpeed .json);
     an explicit ``fused_linear`` under sharding is a one-line error."""
     sharded = strategy in SHARDED or strategy.endswith(".json")
     if impl == "auto":
-        return "chunked" if sharded else "fused_linear"
+        if sharded:
+            return decide("loss_impl", "chunked", f"trainer.strategy={strategy} shards the lm_head")
+        return decide("loss_impl", "fused_linear", "whole lm_head weights: least memory, fastest")
     if impl == "fused_linear" and sharded:
         raise UserError(
             f"loss.impl=fused_linear needs whole lm_head weights; under trainer.strategy={strategy} use "
@@ -100,18 +80,27 @@ def resolve_loss_impl(strategy: str, impl: str) -> str:
     return impl
 
 
-def adamw(strategy: Strategy) -> Callable[..., torch.optim.Optimizer]:
+def adamw(strategy: Strategy, precision: Precision | None = None) -> Callable[..., torch.optim.Optimizer]:
     """AdamW for the strategy: DeepSpeed's CPU Adam (AdamW mode) when ZeRO offloads the optimizer; torch's fused
-    AdamW (one kernel for all parameters) where parameters are plain tensors (one device, DDP); else torch's."""
+    AdamW (one kernel for all parameters) where parameters are plain tensors (one device, DDP) and no loss scaler
+    runs (a scaled fp16 loss would have to be unscaled before clipping, which fused AdamW does internally); else
+    torch's multi-tensor (foreach) AdamW."""
     zero = (getattr(strategy, "config", None) or {}).get("zero_optimization", {})
     if isinstance(strategy, DeepSpeedStrategy):
         if zero.get("offload_optimizer"):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            decide("optimizer", "DeepSpeedCPUAdam", "ZeRO offloads the optimizer to the CPU")
             return lambda groups, **kw: DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        decide("optimizer", "AdamW", "DeepSpeed steps it on its own flat partitions")
         return torch.optim.AdamW
     if isinstance(strategy, ModelParallelStrategy):
-        return torch.optim.AdamW  # FSDP2's DTensor shards
+        decide("optimizer", "AdamW (foreach)", "FSDP2 parameters are DTensor shards")
+        return torch.optim.AdamW
+    if getattr(precision, "scaler", None) is not None:
+        decide("optimizer", "AdamW (foreach)", "fp16 loss scaling: gradients are unscaled before clipping")
+        return torch.optim.AdamW
+    decide("optimizer", "AdamW (fused)", "plain tensors on one device per rank")
     return lambda groups, **kw: torch.optim.AdamW(groups, fused=True, **kw)
 
 

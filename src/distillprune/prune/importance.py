@@ -41,7 +41,8 @@ def score(
     aggregation: str = "sum",
     seed: int = 0,
 ) -> tuple[dict[int, LayerScores], float]:
-    """Scores for ``layers`` and the peak resident memory (MB) of this process so far."""
+    """Scores for ``layers`` and the peak memory (MB) so far: the process's resident memory on the CPU, the
+    allocated memory of the model's GPU on CUDA. The batches go to the model's device."""
     if method not in METHODS:
         raise UserError(f"prune.importance '{method}' is unknown; choose {', '.join(METHODS)}")
     if aggregation not in AGGREGATIONS:
@@ -60,6 +61,8 @@ def score(
     for i in layers:
         out[i] = _group_scores(model, params[i], method, aggregation, fisher.get(i), activations.get(i), gen)
     model.zero_grad(set_to_none=True)
+    if model.device.type == "cuda":
+        return out, torch.cuda.max_memory_allocated(model.device) / 2**20
     return out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -84,7 +87,7 @@ def _gradients(model, params, batches, squared: bool) -> dict[int, list[Tensor]]
     n = 0
     for batch in batches:
         for row in range(batch["input_ids"].shape[0]):  # one sample at a time: F needs per-sample gradients
-            ids = batch["input_ids"][row : row + 1]
+            ids = batch["input_ids"][row : row + 1].to(model.device)  # [1, T]
             model(input_ids=ids, labels=ids).loss.backward()
             n += 1
             if squared:
@@ -126,7 +129,11 @@ def _activation_norms(model, blocks, adapter, batches, layers) -> dict[int, list
         hooks.append(mlp.get_submodule(adapter.down).register_forward_pre_hook(keep(i, 1)))
     try:
         for batch in batches:
-            model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            mask = batch.get("attention_mask")
+            model(
+                input_ids=batch["input_ids"].to(model.device),
+                attention_mask=None if mask is None else mask.to(model.device),
+            )
     finally:
         for h in hooks:
             h.remove()

@@ -27,6 +27,7 @@ from distillprune.data import TextDataModule
 from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
 from distillprune.evaluation import evaluate_stage
+from distillprune.hardware import run_device
 from distillprune.models import export, load_model, load_tokenizer, shared_vocab_size
 from distillprune.pipeline import prepare_output_dir, train, write_metrics
 from distillprune.prune.groups import adapter_for, layer_widths
@@ -136,7 +137,7 @@ def _setup(cfg: DictConfig, check: Callable[[PreTrainedModel, list[int]], Any]) 
     start = time.perf_counter()
     out = prepare_output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = load_model(**cfg.model).eval()
+    model = load_model(**cfg.model, device=run_device(str(cfg.trainer.accelerator))).eval()
     adapter_for(model)  # unsupported architectures fail here
     layers = _layers(str(cfg.prune.layers), model.config.num_hidden_layers)
     checked = check(model, layers)
@@ -170,7 +171,7 @@ def _finish(
     export(model, run.tokenizer, run.out / "final")
     device = next(model.parameters()).device
     spec = lambda v: {**cfg.model, "name": str(v)} if isinstance(v, Path) else v
-    models = {k: load_model(**spec(v)).eval().to(device) for k, v in before.items()}
+    models = {k: load_model(**spec(v), device=device).eval() for k, v in before.items()}
     evaluate_stage(cfg, {**models, "recovered": model}, run.tokenizer, run.out, run.metrics, loggers)
     run.metrics.update(wall_s=round(time.perf_counter() - run.start, 1), output_dir=str(run.out))
     write_metrics(run.metrics, run.out)
