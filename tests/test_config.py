@@ -91,9 +91,15 @@ def test_cli_lists_recipes_and_fails_in_one_line() -> None:
         (["recipe=nope"], "unknown recipe 'nope'"),
         (["recipe=sft", "trainer.max_step=3"], "did you mean 'trainer.max_steps'"),
         (["recipe=sft", "trainer.max_steps=x"], "expects int"),
-        (["recipe=sft", "teacher.name=no-such-model", "student.name=no-such-model"], "unknown model 'no-such-model'"),
-        (["recipe=sft", "data.source=missing/corpus.txt"], "data file missing/corpus.txt not found"),
-        (["recipe=logit_distill", "loss._target_=distillprune.losses.JSD", "loss.beta=1.5"], "beta must be in [0, 1]"),
+        (
+            ["recipe=sft", "teacher.name=no-such-model", "student.name=no-such-model"],
+            "teacher.name=no-such-model: not a packaged alias",
+        ),
+        (["recipe=sft", "data.source=missing/corpus.txt"], "data.source=missing/corpus.txt: no such file or folder"),
+        (
+            ["recipe=logit_distill", "loss._target_=distillprune.losses.JSD", "loss.beta=1.5"],
+            "loss.beta=1.5: must be a number in [0, 1]",
+        ),
         (["recipe=logit_distill", "teacher=null"], "system.kd_weight > 0 needs a teacher"),
         (["recipe=sft", "resume=/nowhere/last.ckpt"], "no such checkpoint file"),
     ]:

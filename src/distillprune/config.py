@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,18 @@ def recipe_listing(recipes_dir: Path = RECIPES_DIR) -> str:
     width = max((len(n) for n in recipes), default=0)
     lines += [f"  {name.ljust(width)}  {desc}" for name, desc in recipes.items()]
     return "\n".join(lines)
+
+
+def default_output_dir(recipe: str) -> str:
+    """``runs/<recipe>-<id>``, the same for every process of one launch: the SLURM job id (every task and every
+    requeued attempt), torchrun's rendezvous id (every node of a multi-node launch), else a timestamp."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"runs/{recipe}-{job}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return f"runs/{recipe}-{run_id}"
+    return f"runs/{recipe}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def load_recipe(argv: list[str], recipes_dir: Path = RECIPES_DIR) -> DictConfig:

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from distillprune.data import collate
 from distillprune.errors import UserError
-from distillprune.generate import generate
+from distillprune.generate import generate, stop_ids
 from distillprune.kd_memory import kd_ce, kd_ce_fused_linear
 from distillprune.losses import IGNORE_INDEX, Divergence, ForwardKL
 from distillprune.strategies import adamw, shard_fsdp2
@@ -252,19 +252,22 @@ class DistillSystem(L.LightningModule):
         """The batch's prompts with responses sampled from the student, as student (and teacher) views."""
         if "prompt_len" not in batch:
             raise UserError("system.lmbda > 0 needs prompt/response data (e.g. distillprune.data.ChatDataModule)")
-        config = self.student.generation_config
-        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-        pad = config.pad_token_id if config.pad_token_id is not None else eos
+        stops = stop_ids(self.student)
+        pad = self.student.generation_config.pad_token_id
+        pad = pad if pad is not None else stops[0]
         views = [""] + (["teacher_"] if "teacher_input_ids" in batch else [])
         prompts = {v: _prompts(batch, v) for v in views}
         responses = generate(
             self.student,
             prompts[""],
             pad,
-            eos,
+            stops,
             max_new_tokens=self.max_new_tokens,
             do_sample=True,
             temperature=self.sample_temperature,
+            # with several ranks every one runs the same number of forward passes: under ZeRO-3 and FSDP each
+            # is a collective (parameters are gathered), and a rank that stopped early would leave the rest hanging
+            synced_gpus=self.trainer.world_size > 1,
         )
         rows = []
         for i, response in enumerate(responses):

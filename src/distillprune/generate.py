@@ -22,9 +22,20 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.data import chat_ids
+from distillprune.errors import UserError
 
 log = logging.getLogger(__name__)
 PromptRow = dict[str, Any]  # {"id", "prompt" or "messages", optional "reference", ...}
+
+
+def stop_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase | None = None) -> list[int]:
+    """Every token id that ends a turn: the model's generation config lists them all (Llama-3-Instruct has three),
+    the tokenizer's EOS is added when it is not among them."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids
 
 
 @torch.no_grad()
@@ -32,15 +43,19 @@ def generate(
     model: PreTrainedModel,
     prompts: list[list[int]],
     pad_id: int,
-    eos_id: int,
+    eos_ids: int | list[int],
     max_new_tokens: int = 64,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
     use_cache: bool = True,
     seed: int | None = None,
+    synced_gpus: bool = False,
 ) -> list[list[int]]:
-    """New tokens for each prompt, up to and including EOS when one was produced; one left-padded batch."""
+    """New tokens for each prompt, up to and including the first stop id (any of ``eos_ids``) when one was
+    produced; one left-padded batch. ``synced_gpus``: keep running forward passes until every rank is done, as
+    ranks that hold only shards of the model (ZeRO-3, FSDP) must all take part in each one."""
+    stops = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [B, T]
@@ -59,15 +74,17 @@ def generate(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         use_cache=use_cache,
-        eos_token_id=eos_id,
+        eos_token_id=stops,
         pad_token_id=pad_id,
         top_k=None,
+        synced_gpus=synced_gpus,
         **sampling,
     )  # [B, T + new]
     model.train(was_training)
     responses = []
     for row in out[:, width:].tolist():
-        responses.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        responses.append(row[: end + 1] if end is not None else row)
     return responses
 
 
@@ -88,14 +105,35 @@ class GenerationStore:
             tmp = meta.with_suffix(".tmp")
             tmp.write_text(json.dumps(provenance, indent=2, default=str))
             os.replace(tmp, meta)
+        else:
+            try:
+                stored = json.loads(meta.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"generation store {meta} is corrupt (not JSON); move it away to regenerate") from None
+            if stored != json.loads(json.dumps(provenance, default=str)):
+                raise UserError(f"generation store {self.dir} was written for other settings ({meta} differs); "
+                                "move it away to regenerate")  # fmt: skip
         self._drop_torn_tail()
 
     def rows(self) -> list[dict[str, Any]]:
-        """Every complete row written so far."""
+        """Every complete row written so far; a damaged line before the last is a one-line error (the torn last
+        line of a killed write was already dropped), and the file is left as it is."""
         if not self.path.exists():
             return []
-        with self.path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
+        rows = []
+        with self.path.open(errors="replace") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict) or "id" not in row:
+                    raise UserError(f"generation store {self.path} line {n} is corrupt; move the file away to "
+                                    "regenerate (it is not deleted)")  # fmt: skip
+                rows.append(row)
+        return rows
 
     def done_ids(self) -> set[str]:
         return {row["id"] for row in self.rows()}
@@ -132,7 +170,7 @@ def teacher_responses(
     provenance = {
         "teacher": cfg.teacher.name,
         "teacher_config": fingerprint(teacher.config.to_dict()),
-        "dtype": cfg.teacher.dtype,
+        "dtype": str(teacher.dtype).removeprefix("torch."),  # as resolved: auto is bf16 on a GPU
         "generation": settings,
         "seed": cfg.seed,
         "prompt_set": fingerprint([[p["id"], p.get("messages") or p["prompt"]] for p in prompts]),
@@ -146,9 +184,8 @@ def teacher_responses(
         if not todo:
             continue
         seed = cfg.seed + int(fingerprint([p["id"] for p in chunk]), 16) % 1_000_000
-        outs = generate(
-            teacher, [chat_prompt(tok, p) for p in todo], tok.pad_token_id, tok.eos_token_id, seed=seed, **settings
-        )
+        prompt_ids = [chat_prompt(tok, p) for p in todo]
+        outs = generate(teacher, prompt_ids, tok.pad_token_id, stop_ids(teacher, tok), seed=seed, **settings)
         store.append(
             [
                 {**p, "response": tok.decode(o, skip_special_tokens=True).strip(), "response_ids": o}

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 
+from distillprune.choices import ATTENTION, PRECISIONS
 from distillprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
 _DECISIONS: dict[str, dict[str, str]] = {}
-PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
-ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 def decide(key: str, choice: str, why: str) -> str:

@@ -33,7 +33,7 @@ from distillprune.data import (
 )
 from distillprune.errors import UserError
 from distillprune.evaluation import evaluate_stage
-from distillprune.generate import batches, chat_prompt, generate, teacher_responses
+from distillprune.generate import batches, chat_prompt, generate, stop_ids, teacher_responses
 from distillprune.hardware import run_device
 from distillprune.models import export, load_model, load_student, load_tokenizer
 from distillprune.pipeline import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
@@ -139,7 +139,7 @@ def task_accuracy(
     correct = 0
     for chunk in batches(views, gen.batch_size):
         prompts = [chat_prompt(tok, {"messages": v[view]}) for v in chunk]
-        outs = generate(model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens=gen.max_new_tokens)
+        outs = generate(model, prompts, tok.pad_token_id, stop_ids(model, tok), max_new_tokens=gen.max_new_tokens)
         for v, o in zip(chunk, outs, strict=True):
             correct += answer_matches(tok.decode(o, skip_special_tokens=True), v["output"])
     return round(correct / len(views), 4)

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillprune.choices import LOSS_IMPLS
+
 IGNORE_INDEX = -100
-IMPLS = ("auto", "dense", "chunked", "fused_linear")
+IMPLS = LOSS_IMPLS
 
 
 class Divergence(nn.Module):

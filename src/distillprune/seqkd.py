@@ -17,19 +17,20 @@ import lightning as L
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distillprune.choices import SEQ_STAGES
 from distillprune.config import instantiate
 from distillprune.data import split_documents, write_splits
 from distillprune.errors import UserError
 from distillprune.evaluate import rouge_l, token_match
 from distillprune.evaluation import evaluate_stage
-from distillprune.generate import PromptRow, batches, chat_prompt, generate, teacher_responses
+from distillprune.generate import PromptRow, batches, chat_prompt, generate, stop_ids, teacher_responses
 from distillprune.hardware import run_device
 from distillprune.models import export, load_model, load_student, load_tokenizer
 from distillprune.pipeline import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
 from distillprune.prompts import load_prompts
 
 log = logging.getLogger(__name__)
-STAGES = ("generate", "train", "evaluate")
+STAGES = SEQ_STAGES
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -98,7 +99,7 @@ def agreement(
             student,
             [chat_prompt(tok, p) for p in chunk],
             tok.pad_token_id,
-            tok.eos_token_id,
+            stop_ids(student, tok),
             max_new_tokens=cfg.generate.max_new_tokens,
         )
         for p, o in zip(chunk, outs, strict=True):

@@ -28,6 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelPa
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from distillprune.choices import STRATEGIES
 from distillprune.errors import UserError
 from distillprune.hardware import decide
 
@@ -40,7 +41,7 @@ ZERO = {
     "deepspeed_stage_3": {"stage": 3},
     "deepspeed_stage_3_offload": {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
 }
-CHOICES = ("auto", "ddp", *ZERO, "fsdp", "a DeepSpeed config .json")
+CHOICES = (*STRATEGIES, "a DeepSpeed config .json")
 SHARDED = ("deepspeed_stage_3", "deepspeed_stage_3_offload", "fsdp")  # parameters exist only as shards
 
 

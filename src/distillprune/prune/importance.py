@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from distillprune.choices import IMPORTANCE
 from distillprune.errors import UserError
 from distillprune.prune.groups import adapter_for, decoder_layers, head_dim
 
-METHODS = ("random", "l1", "l2", "taylor", "taylor_vector", "taylor2", "activation")
+METHODS = IMPORTANCE
 AGGREGATIONS = {"sum": torch.sum, "mean": torch.mean, "max": lambda t, dim: t.max(dim=dim).values, "prod": torch.prod}
 
 

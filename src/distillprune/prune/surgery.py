@@ -14,12 +14,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from distillprune.choices import GQA_MODES
 from distillprune.errors import UserError
 from distillprune.prune.groups import Widths, adapter_for, base_type, decoder_layers, head_dim, layer_widths
 from distillprune.prune.importance import LayerScores
 from distillprune.prune.modeling import PRUNED_CLASSES
-
-GQA_MODES = ("kv_groups", "q_per_group")
 
 
 @dataclass

@@ -1,0 +1,22 @@
+"""The names that named settings may take, in one light module (no torch), so that a run's first stage
+(``validate``) checks them in a fraction of a second. Each library module that implements a setting takes its
+names from here; ``tests/test_validate.py`` checks that the two agree."""
+
+from __future__ import annotations
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+              "deepspeed_stage_3", "deepspeed_stage_3_offload", "fsdp")  # fmt: skip  # or a DeepSpeed .json
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOSS_IMPLS = ("auto", "dense", "chunked", "fused_linear")
+STUDENT_INIT = ("pretrained", "layer_drop", "config")
+IMPORTANCE = ("random", "l1", "l2", "taylor", "taylor_vector", "taylor2", "activation")
+AGGREGATIONS = ("sum", "mean", "max", "prod")
+GQA_MODES = ("kv_groups", "q_per_group")
+PRUNE_PARTS = ("heads", "channels")
+PRUNABLE = ("llama", "mistral", "qwen2")  # families with an adapter in prune.groups
+SEQ_STAGES = ("generate", "train", "evaluate")
+ZERO_SHOT_TASKS = ("shakespeare_cloze", "kjv_cloze", "shakespeare_or_bible")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
