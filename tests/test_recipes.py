@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 from pathlib import Path
 
@@ -158,3 +159,44 @@ def test_on_policy_on_plain_text_is_a_one_line_error(
     assert done.stderr.strip().splitlines()[-1] == (
         "error: system.lmbda > 0 needs prompt/response data (e.g. distillprune.data.ChatDataModule)"
     )
+
+
+def test_wandb_mode_from_the_environment_wins_over_auto(tmp_path: Path, monkeypatch) -> None:
+    from distillprune.pipeline import build_loggers
+
+    wandb = {"mode": "auto", "project": "p", "entity": None, "name": None}
+    cfg = OmegaConf.create({"resume": None, "recipe": "x", "logger": {"wandb": wandb}})
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # would mean online without the environment's mode
+    assert [type(lg).__name__ for lg in build_loggers(cfg, tmp_path)] == ["CSVLogger"]
+    cfg.logger.wandb.mode = "offline"  # an explicit recipe setting is still the recipe's
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert [type(lg).__name__ for lg in build_loggers(cfg, tmp_path)] == ["CSVLogger", "WandbLogger"]
+
+
+def test_one_output_folder_per_launch(monkeypatch) -> None:
+    from distillprune.config import default_output_dir
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-42")  # torchrun's rendezvous id: the same on every node
+    assert default_output_dir("logit_distill") == "runs/logit_distill-job-42"
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    assert default_output_dir("logit_distill") == "runs/logit_distill-777"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun --standalone on one node
+    assert default_output_dir("sft").startswith("runs/sft-20")
+
+
+def test_schedule_by_epochs_decays_over_the_estimated_steps(
+    tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "epochs"
+    args = tiny_overrides(tiny_model_dir, tiny_text_file, out)
+    run_train("recipe=sft", *args, "trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.limit_train_batches=6",
+              "system.warmup_steps=1", "system.min_lr_ratio=0.0", "evaluate.speed.batch_sizes=[]")  # fmt: skip
+    with open(out / "logs" / "metrics.csv") as f:
+        lrs = {int(r["step"]): float(r["train/lr"]) for r in csv.DictReader(f) if r.get("train/lr")}
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+    # cosine from step 1 to 6 optimizer steps (the trainer's estimate), not to max_steps=-1
+    progress = (5 - 1) / (6 - 1)
+    assert lrs[5] == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-4)

@@ -5,6 +5,7 @@ exported weights of one process on the same global batch, through a checkpoint a
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -85,6 +86,58 @@ def test_sampler_shards_the_single_process_order() -> None:
     assert list(resumed) == ranks[1][2:]
 
 
+def test_sampler_counts_the_targets_of_each_optimizer_step() -> None:
+    targets = [i % 5 + 1 for i in range(20)]  # uneven: chat answers of different lengths
+    one = list(ResumableSampler(20, seed=3, targets=targets, batch_size=4))
+    assert all(n == sum(targets[i] for i, _ in one[s : s + 4]) for s in range(0, 20, 4) for _, n in one[s : s + 4])
+    accumulated = list(ResumableSampler(20, seed=3, targets=targets, batch_size=2, accumulate=2))
+    assert accumulated == one  # two micro-batches of 2 are one step of 4
+    ranks = [list(ResumableSampler(20, seed=3, rank=r, world=2, targets=targets, batch_size=2)) for r in (0, 1)]
+    for step in range(5):  # both ranks carry the count of the whole global batch of 4
+        pair = ranks[0][2 * step : 2 * step + 2] + ranks[1][2 * step : 2 * step + 2]
+        assert sorted(pair) == sorted(one[4 * step : 4 * step + 4])
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rows = [{"prompt": f"Count to {i}", "response": " ".join(str(j) for j in range(i % 13 + 1))} for i in range(48)]
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_step_loss_is_the_mean_over_all_target_tokens(
+    tiny_model_dir: Path, tiny_text_file: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    # uneven answer lengths: batch 4 == 2 micro-batches of 2 (accumulation) == 2 ranks of 2 (DDP)
+    def run(name: str, *extra: str) -> Path:
+        out = tmp_path / name
+        run_train(
+            "recipe=logit_distill", *tiny_overrides(tiny_model_dir, tiny_text_file, out, steps=3),
+            "data._target_=distillprune.data.ChatDataModule", f"data.source={chat_file}", "data.seq_len=64",
+            "trainer.precision=32-true", "system.warmup_steps=0", "system.lr=3e-3", "evaluate.speed.batch_sizes=[]",
+            *extra,
+        )  # fmt: skip
+        return out
+
+    runs = {"batch4": run("batch4", "data.batch_size=4"),
+            "accumulate": run("accumulate", "data.batch_size=2", "trainer.accumulate_grad_batches=2")}  # fmt: skip
+    if (os.cpu_count() or 1) >= 2:
+        runs["ddp"] = run("ddp", "data.batch_size=2", "trainer.strategy=ddp", "trainer.devices=2")
+    want = AutoModelForCausalLM.from_pretrained(runs["batch4"] / "final").state_dict()
+    # the same weights (AdamW magnifies float noise on rows with near-zero gradients, hence atol); with per-micro-batch
+    # or per-rank means instead, steps weigh short answers up and the weights move apart by ~1e-3
+    for name, atol in (("accumulate", 1e-5), ("ddp", 1e-4)):
+        if name not in runs:
+            continue
+        got = AutoModelForCausalLM.from_pretrained(runs[name] / "final").state_dict()
+        worst = max((got[k] - v).abs().max().item() for k, v in want.items())
+        assert worst < atol, f"{name}: weights differ by {worst:.2e}"
+    if "ddp" in runs:  # the logged step loss is the mean over the global batch's tokens too
+        for step, loss in _losses(runs["batch4"]).items():
+            assert _losses(runs["ddp"])[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
+
+
 def test_strategy_names() -> None:
     assert build_strategy("auto") == "auto" and build_strategy("ddp", "cpu", 2) == "ddp"
     zero3 = build_strategy("deepspeed_stage_3", "cpu", 2)
@@ -114,7 +167,7 @@ BAD = {
     "deepspeed_stage_1, deepspeed_stage_2, deepspeed_stage_2_offload, deepspeed_stage_3, deepspeed_stage_3_offload, "
     "fsdp, a DeepSpeed config .json",
     "trainer.devices=4096": "error: trainer.devices=4096 CPU processes but this machine has",
-    "trainer.strategy=missing.json": "error: trainer.strategy=missing.json: no such DeepSpeed config file",
+    "trainer.strategy=missing.json": "error: trainer.strategy=missing.json: no such file or folder",
     "teacher.attn_implementation=flash_attention_2": "error: attn_implementation=flash_attention_2 needs flash-attn",
 }
 

@@ -196,13 +196,14 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_gener
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows into a batch; rows without ``labels`` train on every token. Rows that carry a separate
     teacher view (``teacher_input_ids``/``teacher_labels``, for in-context distillation) get it padded alike,
-    and ``prompt_len`` / ``teacher_prompt_len`` (tokens before the first target) come along for on-policy
+    ``step_tokens`` (the optimizer step's target count, from the sampler) and ``prompt_len`` /
+    ``teacher_prompt_len`` (tokens before the first target) come along for the loss and for on-policy
     sampling."""
     batch = _pad([r["input_ids"] for r in rows], [r.get("labels", r["input_ids"]) for r in rows], pad_id, "")
     if "teacher_input_ids" in rows[0]:
         teacher = [r["teacher_input_ids"] for r in rows]
         batch |= _pad(teacher, [r["teacher_labels"] for r in rows], pad_id, "teacher_")
-    for key in ("prompt_len", "teacher_prompt_len"):
+    for key in ("prompt_len", "teacher_prompt_len", "step_tokens"):
         if key in rows[0]:
             batch[key] = torch.tensor([r[key] for r in rows])  # [B]
     return batch
@@ -229,19 +230,40 @@ class ResumableSampler(Sampler[int]):
     """A shuffled order per (seed, epoch) that can start part-way through an epoch, so a resumed run sees
     exactly the batches an uninterrupted run would have seen. With ``world`` ranks, rank r takes every world-th
     index from r on (the tail that does not fill a round is dropped), so the ranks' batches together are the
-    batch of ``world`` times the size that one process would take: the same global batch at any world size."""
+    batch of ``world`` times the size that one process would take: the same global batch at any world size.
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    Given each sample's number of target tokens (``targets``), it yields ``(index, step_tokens)`` instead: the
+    targets of every sample that the same optimizer step trains on, over all ranks and all ``accumulate``
+    micro-batches of ``batch_size``, so that a step's loss can be its mean over all of them."""
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        targets: list[int] | None = None,
+        batch_size: int = 1,
+        accumulate: int = 1,
+    ) -> None:
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
         self.rank, self.world = rank, world
+        self.targets, self.per_step = targets, batch_size * world * accumulate
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        mine = order[: len(self) * self.world][self.rank :: self.world]
+        usable = order[: len(self) * self.world]
         skip, self.skip = self.skip, 0
+        if self.targets is None:
+            return iter(usable[self.rank :: self.world][skip:])
+        # rank r's j-th sample sits at position r + j·world of ``usable``; a step covers per_step positions
+        steps = [
+            sum(self.targets[i] for i in usable[s : s + self.per_step]) for s in range(0, len(usable), self.per_step)
+        ]
+        mine = [(usable[p], steps[p // self.per_step]) for p in range(self.rank, len(usable), self.world)]
         return iter(mine[skip:])
 
     def __len__(self) -> int:
@@ -297,7 +319,9 @@ class _BlocksDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer  # None when used outside a Trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableSampler(len(self.train_set), self.seed, rank, world)
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        targets = [_targets(row) for row in self.train_set.with_format(None)]
+        sampler = ResumableSampler(len(self.train_set), self.seed, rank, world, targets, self.batch_size, accumulate)
         if len(sampler) == 0:
             raise UserError(f"{len(self.train_set)} training blocks cannot be shared among {world} ranks")
         if self._resume:
@@ -322,13 +346,33 @@ class _BlocksDataModule(L.LightningDataModule):
     def _loader(self, ds: Dataset, sampler: Sampler | None) -> DataLoader:
         pad = self.tokenizer.pad_token_id
         return DataLoader(
-            ds.with_format(None),
+            _StepTokens(ds.with_format(None)) if sampler is not None else ds.with_format(None),
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             collate_fn=lambda rows: collate(rows, pad),
         )
+
+
+def _targets(row: dict[str, Any]) -> int:
+    """Next-token targets of one row: the positions after the first whose label counts."""
+    labels = row.get("labels", row["input_ids"])
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
+class _StepTokens(torch.utils.data.Dataset):
+    """Rows looked up by ``(index, step_tokens)`` keys, carrying their optimizer step's target count along."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, step_tokens = key
+        return {**self.ds[index], "step_tokens": step_tokens}
 
 
 class TextDataModule(_BlocksDataModule):

@@ -234,7 +234,23 @@ class DistillSystem(L.LightningModule):
         parts = {"ce": ce} | ({"kd": kd} if teacher is not None else {})
         if self.lmbda > 0:
             parts["on_policy"] = torch.tensor(float(on_policy))
-        return total, parts
+        return total * self._token_share(targets.shape[0], batch, on_policy), parts
+
+    def _token_share(self, n: int, batch: dict[str, Tensor], on_policy: bool) -> float:
+        """Scale this micro-batch's mean so that the optimizer step trains on the mean over every target token of
+        the step, on all ranks and all accumulated micro-batches (HF's ``num_items_in_batch``): its ``n`` targets
+        out of the step's total, times the micro-batches that Lightning and the strategy average over. With even
+        counts the factor is exactly 1. On-policy samples are new tokens: their total is summed over the ranks."""
+        if self._trainer is None:  # outside a Trainer (tests, tools): the micro-batch is the step
+            return 1.0
+        world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
+        if on_policy:
+            counts = torch.tensor(float(n), device=self.device)
+            total = self.trainer.strategy.reduce(counts, reduce_op="sum") if world > 1 else counts
+            return n * world / max(float(total), 1.0)
+        if "step_tokens" not in batch:
+            return 1.0
+        return n * world * accumulate / max(float(batch["step_tokens"][0]), 1.0)
 
     def _teacher(self) -> PreTrainedModel:
         return self.teacher if self.teacher is not None else self._cpu_teacher[0]
@@ -267,7 +283,7 @@ class DistillSystem(L.LightningModule):
             temperature=self.sample_temperature,
             # with several ranks every one runs the same number of forward passes: under ZeRO-3 and FSDP each
             # is a collective (parameters are gathered), and a rank that stopped early would leave the rest hanging
-            synced_gpus=self.trainer.world_size > 1,
+            synced_gpus=self._trainer is not None and self.trainer.world_size > 1,
         )
         rows = []
         for i, response in enumerate(responses):

@@ -200,8 +200,10 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
     csv_logger = ResumedCSVLogger if resumed else CSVLogger
     loggers: list[Logger] = [csv_logger(str(out), name="logs", version="")]
     mode = cfg.logger.wandb.mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if mode == "auto":  # the environment's WANDB_MODE wins, as W&B's own tools read it
+        env = {"dryrun": "offline", "run": "online"}.get(os.environ.get("WANDB_MODE", ""), os.environ.get("WANDB_MODE"))
+        mode = env if env in ("online", "offline", "disabled") else None
+        mode = mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     if mode == "disabled":
         return loggers
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")  # an unreachable server costs a minute, never a hang
