@@ -146,7 +146,7 @@ def test_evaluate_recipe_side_by_side(tiny_model_dir: Path, tiny_tokenizer, tiny
     [
         ("evaluate.zero_shot.tasks=[hellaswag]", "unknown zero-shot task(s) ['hellaswag']; packaged tasks:"),
         ("evaluate.text.stride=64", "evaluate.text.stride=64 must be in 1..context (32)"),
-        ("model=", "model= is required"),
+        ("model=", "model is empty; give a packaged alias"),
     ],
 )
 def test_evaluate_bad_input_is_one_line(tiny_model_dir: Path, tiny_text_file: Path, tmp_path, extra, message):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import run_train, tiny_overrides
+from conftest import prune_overrides, run_train, tiny_overrides
 from distillprune.data import ResumableSampler
 from distillprune.errors import UserError
 from distillprune.strategies import FSDP2, DeepSpeed, build_strategy
@@ -205,3 +205,23 @@ def test_bf16_true_gradient_checkpointing_and_fused_loss(
     assert len(losses) == 4 and all(0 < v < 20 for v in losses.values())
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert final(torch.arange(3, 9)[None]).logits.isfinite().all()
+
+
+@needs_two_cores
+def test_prune_lora_under_zero3_and_fsdp_exports_the_plain_merged_model(
+    tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    def run(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        run_train("recipe=prune_lora", *prune_overrides(tiny_model_dir, tiny_text_file, out), "lora.dropout=0.0",
+                  "trainer.precision=32-true", "evaluate.speed.batch_sizes=[]", *extra)  # fmt: skip
+        final = AutoModelForCausalLM.from_pretrained(out / "final")  # the registered per-layer type, merged
+        assert not any("lora" in n or "base_layer" in n for n, _ in final.named_parameters())
+        return final.state_dict()
+
+    want = run("single", "data.batch_size=4")  # the global batch of 2 ranks x 2
+    for strategy in ("deepspeed_stage_3", "fsdp"):
+        got = run(strategy, f"trainer.strategy={strategy}", "trainer.devices=2")
+        assert sorted(got) == sorted(want)
+        worst = max((got[k] - v).abs().max().item() for k, v in want.items())
+        assert worst < 1e-5, f"{strategy}: merged weights differ by {worst:.2e}"

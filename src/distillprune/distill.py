@@ -179,6 +179,7 @@ class DistillSystem(L.LightningModule):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups (LoRA has no norms to train)
         optimizer = adamw(self.trainer.strategy, self.trainer.precision_plugin)(groups, lr=self.lr, betas=self.betas)
         # max_steps -1 (train by epochs): the trainer's estimate of the optimizer steps the epochs take
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches

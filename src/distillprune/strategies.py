@@ -117,48 +117,64 @@ def shard_fsdp2(model: nn.Module, mesh: Any, reshard_after_forward: bool = True)
 
 
 def trained_student(trainer: Any, student: PreTrainedModel) -> PreTrainedModel | None:
-    """The student after ``fit`` as one plain float32 model on global rank 0 (None elsewhere). Under DeepSpeed its
-    trained weights are the optimizer's float32 masters; under ZeRO-3 and FSDP they are gathered from the shards
-    into a fresh model of the same config. Every rank must call it."""
+    """The student after ``fit`` as one plain float32 model on global rank 0, on its device (None elsewhere).
+    Under DeepSpeed its trained weights are the optimizer's float32 masters; under ZeRO-3 and FSDP they are
+    gathered from the shards into a fresh model of the same config (a PEFT model: a fresh PEFT model, which the
+    caller merges). Parameters are gathered one at a time and only rank 0 keeps them, in CPU memory, so no rank
+    ever holds a second full copy of the model. Every rank must call it."""
     strategy = trainer.strategy
-    sharded = isinstance(strategy, ModelParallelStrategy) or (
-        isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
-    )
-    if isinstance(strategy, DeepSpeedStrategy):
-        from deepspeed.utils import safe_get_full_fp32_param
+    deepspeed = isinstance(strategy, DeepSpeedStrategy)
+    sharded = isinstance(strategy, ModelParallelStrategy) or (deepspeed and strategy.zero_stage_3)
+    lead = trainer.is_global_zero
+    if isinstance(strategy, ModelParallelStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        masters = {name: safe_get_full_fp32_param(p) for name, p in student.named_parameters() if p.requires_grad}
-    if sharded:
-        state = _gathered_state(strategy, student, masters if isinstance(strategy, DeepSpeedStrategy) else {})
-    if not trainer.is_global_zero:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 only, tensor by tensor
+        state = get_model_state_dict(student, options=options)
+    elif deepspeed:
+        state = {name: t for name, t in _deepspeed_params(student, keep=lead) if t is not None}
+    if not lead:
         return None
     if not sharded:
-        if isinstance(strategy, DeepSpeedStrategy):  # DeepSpeed may train a bf16 copy: take the masters back
+        if deepspeed:  # DeepSpeed may train a bf16 copy: take the float32 masters back
             with torch.no_grad():
                 for name, p in student.named_parameters():
-                    if name in masters:
-                        p.data = masters[name].to(p.device)
+                    p.data = state[name].to(p.device)
         return student.float()
-    plain = AutoModelForCausalLM.from_config(copy.deepcopy(student.config), dtype=torch.float32)
+    plain = _fresh_like(student)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     plain.tie_weights()
     if unexpected or set(missing) - _tied_keys(plain):
         raise RuntimeError(f"gathered student does not fit its config: missing {missing}, unexpected {unexpected}")
-    plain.generation_config = copy.deepcopy(student.generation_config)
-    return plain
+    return plain.to(strategy.root_device)
 
 
-def _gathered_state(strategy: Strategy, student: nn.Module, masters: dict[str, torch.Tensor]) -> dict[str, Any]:
-    if isinstance(strategy, ModelParallelStrategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def _deepspeed_params(student: nn.Module, keep: bool):  # noqa: ANN202 - a generator of (name, tensor | None)
+    """Each parameter whole in float32: the optimizer's master for trained ones, the gathered partition for
+    frozen ones under ZeRO-3; one at a time (a collective under ZeRO-3), on the CPU where ``keep``."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    frozen = {name: p for name, p in student.named_parameters() if name not in masters}
-    with deepspeed.zero.GatheredParameters(list(frozen.values())):
-        state = {name: p.detach().float().cpu().clone() for name, p in frozen.items()}
-    return state | {name: t.float().cpu() for name, t in masters.items()}
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)
+        else:
+            with deepspeed.zero.GatheredParameters([p]):
+                full = p.detach().float().clone()
+        yield name, (full.cpu() if keep else None)
+        del full
+
+
+def _fresh_like(student: PreTrainedModel) -> PreTrainedModel:
+    """An empty float32 model of the student's config (a PEFT model around one, with the same adapters)."""
+    from peft import PeftModel, get_peft_model
+
+    base = student.get_base_model() if isinstance(student, PeftModel) else student
+    plain = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), dtype=torch.float32)
+    plain.generation_config = copy.deepcopy(base.generation_config)
+    if isinstance(student, PeftModel):
+        return get_peft_model(plain, copy.deepcopy(student.peft_config["default"]))
+    return plain
 
 
 def _tied_keys(model: PreTrainedModel) -> set[str]:

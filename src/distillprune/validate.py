@@ -280,7 +280,10 @@ def check_models(cfg: DictConfig) -> None:
     names = {key: OmegaConf.select(cfg, key, default=None) for key in ("teacher.name", "student.name", "model.name")}
     if isinstance(cfg.get("model"), str) or cfg.get("baseline"):
         names |= {"model": cfg.get("model"), "baseline": cfg.get("baseline")}
-    folders = {key: model_folder(name, key) for key, name in names.items() if isinstance(name, str) and name}
+    for key, name in names.items():
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            raise UserError(f"{key} is empty; give a packaged alias, a local model folder or a hub id")
+    folders = {key: model_folder(name, key) for key, name in names.items() if isinstance(name, str)}
     configs = {key: _config(folder, key) for key, folder in folders.items() if folder is not None}
     for key, config in configs.items():
         heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
