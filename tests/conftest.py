@@ -119,13 +119,20 @@ def tiny_text_file(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -
     return path
 
 
-def run_train(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    *args: str, cwd: Path | None = None, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in a subprocess, as a user runs it (from a scratch folder, so that relative
     defaults such as runs/ never land in the checkout)."""
     cwd = cwd or Path(tempfile.mkdtemp(prefix="distillprune-cwd-"))
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and done.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,26 @@ def test_prune_lora_under_zero3_and_fsdp_exports_the_plain_merged_model(
         assert sorted(got) == sorted(want)
         worst = max((got[k] - v).abs().max().item() for k, v in want.items())
         assert worst < 1e-5, f"{strategy}: merged weights differ by {worst:.2e}"
+
+
+@needs_two_cores
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_3", "fsdp"])
+def test_sharded_on_policy_gkd_with_uneven_sample_lengths(
+    strategy: str, tiny_model_dir: Path, tiny_text_file: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    # a student that stops at any of 120 stop ids: the ranks' samples end after different numbers of tokens, and
+    # each generation step is a collective of the shards; without synced generation the job dies or hangs
+    stopper = tmp_path / "stopper"
+    shutil.copytree(tiny_model_dir, stopper)
+    config = json.loads((stopper / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], *range(10, 130)]
+    (stopper / "generation_config.json").write_text(json.dumps(config))
+    out = tmp_path / "gkd"
+    run_train(
+        "recipe=logit_distill", *tiny_overrides(stopper, tiny_text_file, out, steps=3),
+        "data._target_=distillprune.data.ChatDataModule", f"data.source={chat_file}", "data.seq_len=64",
+        "system.lmbda=1.0", "system.max_new_tokens=16", f"trainer.strategy={strategy}", "trainer.devices=2",
+        "loss.impl=chunked", "evaluate.speed.batch_sizes=[]", timeout=240,
+    )  # fmt: skip
+    assert (out / "final" / "model.safetensors").is_file()
+    assert "train/on_policy" in (out / "logs" / "metrics.csv").read_text()
