@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
+        from distillprune.ranks import start
+
+        start(cfg)  # several ranks: all of them running, the process group open, before any work
         locate(cfg._target_)(cfg)
     except (UserError, MisconfigurationException) as err:
         return _fail(err)

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.data import chat_ids
 from distillprune.errors import UserError
+from distillprune.ranks import barrier, rank_and_world, shard
 
 log = logging.getLogger(__name__)
 PromptRow = dict[str, Any]  # {"id", "prompt" or "messages", optional "reference", ...}
@@ -94,15 +95,19 @@ def fingerprint(obj: Any) -> str:
 
 
 class GenerationStore:
-    """Append-only JSON-lines rows ``{"id", ...}`` under ``root/<hash of provenance>/``."""
+    """Append-only JSON-lines rows ``{"id", ...}`` under ``root/<hash of provenance>/``.
 
-    def __init__(self, root: str | Path, provenance: dict[str, Any]) -> None:
+    Each writer appends to a file of its own (``rows.jsonl``; ``rows.rank<r>.jsonl`` when ranks generate
+    together), so concurrent writers never interleave; ``rows`` reads them all. Only a writer drops the torn
+    last line of its own file; another writer's unfinished last line is skipped, never cut."""
+
+    def __init__(self, root: str | Path, provenance: dict[str, Any], writer: str = "") -> None:
         self.dir = Path(root) / fingerprint(provenance)
-        self.path = self.dir / "rows.jsonl"
+        self.path = self.dir / (f"rows.{writer}.jsonl" if writer else "rows.jsonl")
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "provenance.json"
         if not meta.exists():
-            tmp = meta.with_suffix(".tmp")
+            tmp = meta.with_name(f"provenance.{os.getpid()}.tmp")  # one temporary file per writer
             tmp.write_text(json.dumps(provenance, indent=2, default=str))
             os.replace(tmp, meta)
         else:
@@ -116,13 +121,12 @@ class GenerationStore:
         self._drop_torn_tail()
 
     def rows(self) -> list[dict[str, Any]]:
-        """Every complete row written so far; a damaged line before the last is a one-line error (the torn last
-        line of a killed write was already dropped), and the file is left as it is."""
-        if not self.path.exists():
-            return []
-        rows = []
-        with self.path.open(errors="replace") as f:
-            for n, line in enumerate(f, start=1):
+        """Every complete row written so far by any writer, each id once; a damaged line before the last of a
+        file is a one-line error, and the file is left as it is."""
+        rows: dict[str, dict[str, Any]] = {}
+        for path in sorted(self.dir.glob("rows*.jsonl")):
+            lines = path.read_text(errors="replace").split("\n")
+            for n, line in enumerate(lines[:-1], start=1):  # the part after the last newline is unfinished
                 if not line.strip():
                     continue
                 try:
@@ -130,16 +134,16 @@ class GenerationStore:
                 except json.JSONDecodeError:
                     row = None
                 if not isinstance(row, dict) or "id" not in row:
-                    raise UserError(f"generation store {self.path} line {n} is corrupt; move the file away to "
+                    raise UserError(f"generation store {path} line {n} is corrupt; move the file away to "
                                     "regenerate (it is not deleted)")  # fmt: skip
-                rows.append(row)
-        return rows
+                rows.setdefault(row["id"], row)
+        return list(rows.values())
 
     def done_ids(self) -> set[str]:
         return {row["id"] for row in self.rows()}
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        """Write rows and make them durable before returning."""
+        """Write rows to this writer's file and make them durable before returning."""
         with self.path.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -176,13 +180,15 @@ def teacher_responses(
         "prompt_set": fingerprint([[p["id"], p.get("messages") or p["prompt"]] for p in prompts]),
         "n_prompts": len(prompts),
     }
-    store = GenerationStore(gen.cache_dir, provenance)
+    rank, world = rank_and_world()
+    store = GenerationStore(gen.cache_dir, provenance, writer=f"rank{rank}" if world > 1 else "")
+    barrier("opening the generation store")  # every rank reads the same rows, so they split the same work
     done = store.done_ids()
     log.info("teacher generation: %d of %d stored in %s", len(done), len(prompts), store.dir)
-    for chunk in batches(prompts, gen.batch_size):  # fixed batches: a resumed run seeds them as the first did
+    # fixed batches (a resumed run seeds them as the first did); with several ranks, each takes every world-th
+    chunks = [c for c in batches(prompts, gen.batch_size) if any(p["id"] not in done for p in c)]
+    for chunk in shard(chunks):
         todo = [p for p in chunk if p["id"] not in done]
-        if not todo:
-            continue
         seed = cfg.seed + int(fingerprint([p["id"] for p in chunk]), 16) % 1_000_000
         prompt_ids = [chat_prompt(tok, p) for p in todo]
         outs = generate(teacher, prompt_ids, tok.pad_token_id, stop_ids(teacher, tok), seed=seed, **settings)
@@ -193,7 +199,8 @@ def teacher_responses(
             ]
         )
         done.update(p["id"] for p in todo)
-        log.info("teacher generation: %d/%d", len(done), len(prompts))
+        log.info("teacher generation (rank %d of %d): %d/%d", rank, world, len(done), len(prompts))
+    barrier("teacher generation")
     rows = {r["id"]: r for r in store.rows()}
     return {p["id"]: rows[p["id"]] for p in prompts}
 

@@ -38,6 +38,7 @@ from distillprune.hardware import run_device
 from distillprune.models import export, load_model, load_student, load_tokenizer
 from distillprune.pipeline import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
 from distillprune.prompts import _kjv_verses, _speeches
+from distillprune.ranks import rank_and_world
 
 Example = dict[str, str]  # {"input", "output"}
 
@@ -77,11 +78,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         v["answer"] = answers[v["id"]]["response"]
 
     gen = cfg.generate
-    accuracy = {
-        "teacher_zero_shot": task_accuracy(teacher, tok, eval_views, "student", gen),
-        "teacher_few_shot": task_accuracy(teacher, tok, eval_views, "teacher", gen),
-        "student_before": task_accuracy(student, tok, eval_views, "student", gen),
-    }
+    accuracy = {}
+    if rank_and_world()[0] == 0:  # measured once; the other ranks go on to training
+        accuracy = {
+            "teacher_zero_shot": task_accuracy(teacher, tok, eval_views, "student", gen),
+            "teacher_few_shot": task_accuracy(teacher, tok, eval_views, "teacher", gen),
+            "student_before": task_accuracy(student, tok, eval_views, "student", gen),
+        }
     files = write_splits(out / "data", {"train": views, "val": [{**v, "answer": v["output"]} for v in eval_views]})
     data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["train"]), val_source=str(files["val"]))
     trainer, _, fit_s, student = train(cfg, student, teacher if loss is not None else None, loss, data, out)

@@ -28,6 +28,7 @@ from distillprune.hardware import run_device
 from distillprune.models import export, load_model, load_student, load_tokenizer
 from distillprune.pipeline import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
 from distillprune.prompts import load_prompts
+from distillprune.ranks import rank_and_world
 
 log = logging.getLogger(__name__)
 STAGES = SEQ_STAGES
@@ -57,7 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     files = _write_training_files(out / "data", train_prompts, eval_prompts, responses)
     student = load_student(**cfg.student, device=device)
-    if "evaluate" in cfg.stages:
+    if "evaluate" in cfg.stages and rank_and_world()[0] == 0:  # measured once; the other ranks only train
         metrics["teacher_agreement"] = {"before": agreement(student, tok, eval_prompts, responses, cfg)}
     trainer = None
     if "train" in cfg.stages:
