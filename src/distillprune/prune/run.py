@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,10 @@ from distillprune.prune.groups import adapter_for, layer_widths
 from distillprune.prune.importance import score
 from distillprune.prune.magnitude import check_sparsity, finalize, magnitude_prune, sparsity_of
 from distillprune.prune.surgery import apply, plan, select
+from distillprune.ranks import barrier, rank_and_world
 from distillprune.strategies import resolve_loss_impl
+
+log = logging.getLogger(__name__)
 
 
 def prune_lora(cfg: DictConfig) -> dict[str, Any]:
@@ -80,21 +84,26 @@ def _run(cfg: DictConfig, recover) -> dict[str, Any]:
                                                    tuple(prune.parts)))  # fmt: skip
     model, metrics = run.model, run.metrics
     dense = copy.deepcopy(model)
-    calibration = _calibration(cfg, run.tokenizer)
-    t0 = time.perf_counter()
-    scores, peak_mb = score(model, calibration, prune.importance, run.layers, prune.aggregation, cfg.seed)
-    keep = select(scores, run.checked, layer_widths(model), prune.gqa, prune.uniform, prune.round_to)
-    metrics["widths_dense"] = [w.as_dict() for w in layer_widths(model)]
-    apply(model, keep)
-    metrics["prune_s"] = round(time.perf_counter() - t0, 1)
-    metrics["peak_mem_mb"] = round(peak_mb, 1)
-    metrics["params"]["pruned"] = _count(model)
-    metrics["params"]["removed_fraction"] = round(1 - metrics["params"]["pruned"] / metrics["params"]["dense"], 4)
-    metrics["widths"] = [w.as_dict() for w in layer_widths(model)]
-    _measure(run, "pruned")
-    export(model, run.tokenizer, run.out / "pruned")
-    if prune.sweep:
-        metrics["sweep"] = sweep(cfg, dense, scores, run)
+    if rank_and_world()[0] == 0:  # pruned once; the other ranks load the result
+        calibration = _calibration(cfg, run.tokenizer)
+        t0 = time.perf_counter()
+        scores, peak_mb = score(model, calibration, prune.importance, run.layers, prune.aggregation, cfg.seed)
+        keep = select(scores, run.checked, layer_widths(model), prune.gqa, prune.uniform, prune.round_to)
+        metrics["widths_dense"] = [w.as_dict() for w in layer_widths(model)]
+        apply(model, keep)
+        metrics["prune_s"] = round(time.perf_counter() - t0, 1)
+        metrics["peak_mem_mb"] = round(peak_mb, 1)
+        metrics["params"]["pruned"] = _count(model)
+        metrics["params"]["removed_fraction"] = round(1 - metrics["params"]["pruned"] / metrics["params"]["dense"], 4)
+        metrics["widths"] = [w.as_dict() for w in layer_widths(model)]
+        _measure(run, "pruned")
+        export(model, run.tokenizer, run.out / "pruned")
+        if prune.sweep:
+            metrics["sweep"] = sweep(cfg, dense, scores, run)
+    barrier("pruning on rank 0")
+    if rank_and_world()[0] != 0:
+        log.info("loading the model that rank 0 pruned from %s", run.out / "pruned")
+        model = load_model(**{**cfg.model, "name": str(run.out / "pruned")}, device=run.model.device).eval()
     recovered = recover(cfg, model, dense if recover is _distill else None, loss, run.data, run.out)
     return _finish(cfg, run, recovered, {"dense": cfg.model, "pruned": run.out / "pruned"})
 
@@ -151,6 +160,8 @@ def _setup(cfg: DictConfig, check: Callable[[PreTrainedModel, list[int]], Any]) 
 
 
 def _measure(run: _Run, stage: str) -> None:
+    if rank_and_world()[0] != 0:  # measured once; the other ranks only train
+        return
     run.metrics["val_ppl"][stage] = perplexity(run.model, run.data.val_dataloader())["val_ppl"]
     run.metrics["tokens_per_s"][stage] = generation_speed(run.model, run.tokenizer)
 
