@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, seq_overrides, tiny_overrides
 from distillprune.slurm import main
 
 SLURM_ROOT = Path(os.environ.get("DISTILLPRUNE_SLURM_ROOT", "/tmp/slurm"))
@@ -246,3 +246,28 @@ def test_recipe_slurm_section_gives_defaults(tmp_path: Path, capsys: pytest.Capt
     assert "#SBATCH --nodes=2\n" in script and "#SBATCH --gpus-per-node=2\n" in script
     assert "module load cuda/12.4\n" in script and "trainer.devices=2" in script
     assert "slurm." not in script[script.index("srun ") :]  # job settings never reach train.py
+
+
+def test_signal_during_teacher_generation_requeues_and_resumes_the_store(
+    cluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # the pre-timeout signal before training (here: while the teacher writes its answers) is not lost: the job
+    # is requeued at once and the next attempt continues the fsynced store instead of starting over
+    out, cache = tmp_path / "run", tmp_path / "gen"
+    args = [a for a in seq_overrides(tiny_model_dir, out, cache) if not a.startswith(("prompts.n", "generate.max_"))]
+    done = submit("recipe=seq_distill", "slurm.nodes=2", "slurm.tasks_per_node=1", "slurm.time=10", *args,
+                  "prompts.n=240", "generate.max_new_tokens=48", "generate.batch_size=2", "reference_student=false",
+                  "trainer.max_steps=2", "evaluate.speed.batch_sizes=[]", cwd=tmp_path, env=cluster)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    job = done.stdout.split("submitted job ")[1].split()[0]
+    deadline = time.monotonic() + 300
+    while not any(p.stat().st_size for p in cache.glob("*/rows*.jsonl")):
+        assert time.monotonic() < deadline, "generation never started"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", job], env={**os.environ, **cluster}, check=True)
+    state = _wait(job, cluster)
+    log = (tmp_path / "runs/slurm" / f"distillprune-seq_distill-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert int(state["Restarts"]) == 1 and "requeue signal outside training" in log
+    rows = [json.loads(line)["id"] for p in next(cache.iterdir()).glob("rows*.jsonl") for line in p.open()]
+    assert len(set(rows)) == 240 and json.loads((out / "metrics.json").read_text())["steps"] == 2

@@ -109,16 +109,41 @@ class RequeueOnSignal(L.Callback):
         log.info("Handling auto-requeue signal at step %d", trainer.global_step)
         trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
         if trainer.is_global_zero:
-            job = os.environ["SLURM_JOB_ID"]
-            if "SLURM_ARRAY_JOB_ID" in os.environ:
-                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            if done.returncode == 0:
-                log.info("Requeued SLURM job: %s", job)
-            else:
-                log.warning("scontrol requeue %s failed (%s); the checkpoint is written", job, done.stderr.strip())
+            requeue_job()
         self.requeued = True
         trainer.should_stop = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        requeue_on_signal_now()  # after fit: evaluation and export, with nothing left to checkpoint
+
+
+def requeue_job() -> bool:
+    """``scontrol requeue`` this SLURM job (or array task); logged either way."""
+    job = os.environ["SLURM_JOB_ID"]
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode == 0:
+        log.info("Requeued SLURM job: %s", job)
+    else:
+        log.warning("scontrol requeue %s failed (%s)", job, done.stderr.strip())
+    return done.returncode == 0
+
+
+def requeue_on_signal_now() -> None:
+    """Outside ``fit`` (teacher generation, calibration and pruning, the evaluation stage), SIGUSR1 requeues the
+    job at once: what those stages wrote is durable (the generation store is fsynced per batch, exports are
+    atomic), so the requeued attempt continues from it instead of losing the signal. Global rank 0 requeues;
+    SLURM then stops every task. Inside ``fit``, ``RequeueOnSignal`` takes over (checkpoint first)."""
+    if not SLURMEnvironment.detect():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            log.info("requeue signal outside training: requeueing the job now")
+            requeue_job()
+
+    signal.signal(signal.SIGUSR1, handler)
 
 
 def slurm_plugins() -> tuple[list[Any], list[L.Callback]]:

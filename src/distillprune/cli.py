@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
+        from distillprune.checkpoint import requeue_on_signal_now
         from distillprune.ranks import start
 
+        requeue_on_signal_now()  # under SLURM: the pre-timeout signal is honoured from the first second
         start(cfg)  # several ranks: all of them running, the process group open, before any work
         locate(cfg._target_)(cfg)
     except (UserError, MisconfigurationException) as err:

@@ -19,7 +19,14 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
-from distillprune.checkpoint import AtomicCheckpointIO, RequeueOnSignal, ResumedCSVLogger, resolve_resume, slurm_plugins
+from distillprune.checkpoint import (
+    AtomicCheckpointIO,
+    RequeueOnSignal,
+    ResumedCSVLogger,
+    requeue_job,
+    resolve_resume,
+    slurm_plugins,
+)  # fmt: skip
 from distillprune.config import default_output_dir, instantiate
 from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
@@ -131,6 +138,11 @@ def train(
         raise UserError(f"resume={ckpt_path}: the checkpoint does not fit this run's student ({first})") from None
     fit_s = time.perf_counter() - fit_start
     requeued = any(isinstance(c, RequeueOnSignal) and c.requeued for c in trainer.callbacks)
+    late = any(isinstance(c, RequeueOnSignal) and c.signalled and not c.requeued for c in trainer.callbacks)
+    if late:  # signalled after the last step (in the final validation): every task got it; requeue now
+        if trainer.is_global_zero:
+            requeue_job()
+        requeued = True
     # a collective: every rank takes part (or none, when the job was checkpointed for its requeued attempt)
     student = None if requeued else trained_student(trainer, system.student)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
