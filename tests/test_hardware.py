@@ -154,3 +154,36 @@ def test_prune_recipes_under_bf16_mixed(recipe: str, tiny_model_dir: Path, tiny_
     run_train(f"recipe={recipe}", *args, BF16)
     metrics = _assert_bf16_run(out)
     assert set(metrics["val_ppl"]) == {"dense", "pruned", "recovered"}
+
+
+def test_optimizer_and_loss_impl_for_every_strategy_and_precision() -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    from distillprune.strategies import adamw, build_strategy, resolve_loss_impl
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    fused = adamw(build_strategy("auto", "cpu", 1), Precision())([{"params": params}], lr=1e-3)
+    assert fused.defaults["fused"] and decisions()["optimizer"]["choice"] == "AdamW (fused)"
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    assert not adamw(build_strategy("auto", "cpu", 1), scaled)([{"params": params}], lr=1e-3).defaults["fused"]
+    assert decisions()["optimizer"]["choice"] == "AdamW (foreach)"  # fp16 loss scaling: unscale, then clip
+    adamw(build_strategy("deepspeed_stage_2", "cpu", 1))
+    assert decisions()["optimizer"]["choice"] == "AdamW"
+    adamw(build_strategy("fsdp", "cpu", 1))
+    assert decisions()["optimizer"] == {"choice": "AdamW (foreach)", "why": "FSDP2 parameters are DTensor shards"}
+    for strategy, impl in [("auto", "fused_linear"), ("ddp", "fused_linear"), ("deepspeed_stage_2", "fused_linear"),
+                           ("deepspeed_stage_3", "chunked"), ("fsdp", "chunked"), ("ds.json", "chunked")]:  # fmt: skip
+        assert resolve_loss_impl(strategy, "auto") == impl and decisions()["loss_impl"]["choice"] == impl
+    assert resolve_loss_impl("fsdp", "dense") == "dense"
+
+
+def test_evaluate_recipe_in_bfloat16(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    from conftest import TINY_EVAL
+
+    out = tmp_path / "eval"
+    run_train("recipe=evaluate", f"model={tiny_model_dir}", f"evaluate.text.source={tiny_text_file}",
+              "evaluate.text.val_fraction=0.2", *TINY_EVAL, "dtype=bfloat16", "logger.wandb.mode=disabled",
+              f"output_dir={out}")  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["evaluation"]["settings"]["dtype"] == "bfloat16"
+    assert metrics["auto"]["device"]["choice"] == "cpu" and metrics["auto"]["model_attention"]["choice"] == "sdpa"

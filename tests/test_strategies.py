@@ -249,3 +249,22 @@ def test_sharded_on_policy_gkd_with_uneven_sample_lengths(
     )  # fmt: skip
     assert (out / "final" / "model.safetensors").is_file()
     assert "train/on_policy" in (out / "logs" / "metrics.csv").read_text()
+
+
+@needs_two_cores
+def test_fsdp2_under_bf16_mixed_computes_in_bf16_and_exports_float32(
+    tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    from distillprune.strategies import fsdp2_policy
+
+    policy = fsdp2_policy("bf16-mixed")
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert fsdp2_policy("32-true") is None
+    out = tmp_path / "fsdp-bf16"
+    run_train("recipe=logit_distill", *tiny_overrides(tiny_model_dir, tiny_text_file, out, steps=3),
+              "trainer.strategy=fsdp", "trainer.devices=2", "trainer.precision=bf16-mixed",
+              "evaluate.speed.batch_sizes=[]")  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["auto"]["fsdp_mixed_precision"]["choice"] == "bf16 params, fp32 reduce"
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert next(final.parameters()).dtype == torch.float32 and all(v < 20 for v in _losses(out).values())

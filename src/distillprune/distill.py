@@ -23,7 +23,7 @@ from distillprune.errors import UserError
 from distillprune.generate import generate, stop_ids
 from distillprune.kd_memory import kd_ce, kd_ce_fused_linear
 from distillprune.losses import IGNORE_INDEX, Divergence, ForwardKL
-from distillprune.strategies import adamw, shard_fsdp2
+from distillprune.strategies import adamw, fsdp2_policy, shard_fsdp2
 
 
 def frozen(model: PreTrainedModel) -> PreTrainedModel:
@@ -168,9 +168,10 @@ class DistillSystem(L.LightningModule):
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None or self._fsdp_done:
             return
-        shard_fsdp2(self.student, mesh["data_parallel"])
+        policy = fsdp2_policy(str(self.trainer.precision))
+        shard_fsdp2(self.student, mesh["data_parallel"], mp_policy=policy)
         if self.teacher is not None:
-            shard_fsdp2(self.teacher, mesh["data_parallel"])
+            shard_fsdp2(self.teacher, mesh["data_parallel"], mp_policy=policy)
         self._fsdp_done = True
 
     def configure_optimizers(self) -> dict:

@@ -105,15 +105,29 @@ def adamw(strategy: Strategy, precision: Precision | None = None) -> Callable[..
     return lambda groups, **kw: torch.optim.AdamW(groups, fused=True, **kw)
 
 
-def shard_fsdp2(model: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> None:
-    """FSDP2: ``fully_shard`` every decoder layer (the classes in ``_no_split_modules``), then the whole model."""
-    from torch.distributed.fsdp import fully_shard
+def fsdp2_policy(precision: str) -> Any:
+    """FSDP2's mixed-precision policy for ``trainer.precision``: under ``bf16-mixed`` the shards are gathered
+    and computed in bfloat16 (half the all-gather traffic and memory) while the float32 shards stay the master
+    weights and gradients are reduced in float32; None (the shards' own dtype) otherwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    if precision != "bf16-mixed":
+        decide("fsdp_mixed_precision", "none", f"trainer.precision={precision}: compute in the shards' dtype")
+        return None
+    decide("fsdp_mixed_precision", "bf16 params, fp32 reduce", "trainer.precision=bf16-mixed")
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_fsdp2(model: nn.Module, mesh: Any, reshard_after_forward: bool = True, mp_policy: Any = None) -> None:
+    """FSDP2: ``fully_shard`` every decoder layer (the classes in ``_no_split_modules``), then the whole model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = mp_policy or MixedPrecisionPolicy()
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_classes:
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
 
 
 def trained_student(trainer: Any, student: PreTrainedModel) -> PreTrainedModel | None:

@@ -25,11 +25,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distillprune import speed
 from distillprune.config import instantiate
 from distillprune.data import TextDataModule
+from distillprune.distill import frozen
 from distillprune.errors import UserError
 from distillprune.evaluate import perplexity
 from distillprune.evaluation import evaluate_stage
-from distillprune.hardware import run_device
-from distillprune.models import export, load_model, load_tokenizer, shared_vocab_size
+from distillprune.hardware import resolve_dtype, run_device
+from distillprune.models import DTYPES, export, load_model, load_tokenizer, shared_vocab_size
 from distillprune.pipeline import prepare_output_dir, train, write_metrics
 from distillprune.prune.groups import adapter_for, layer_widths
 from distillprune.prune.importance import score
@@ -57,7 +58,7 @@ def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
     loss = instantiate(cfg.loss)  # cheap checks first
     loss.impl = resolve_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
     run = _setup(cfg, check=lambda model, layers: check_sparsity(cfg.prune.sparsity))
-    dense, metrics = copy.deepcopy(run.model), run.metrics
+    dense, metrics = _frozen_teacher(copy.deepcopy(run.model)), run.metrics
     t0 = time.perf_counter()
     metrics["sparsity"] = round(magnitude_prune(run.model, cfg.prune.sparsity, run.layers), 4)
     metrics["prune_s"] = round(time.perf_counter() - t0, 1)
@@ -83,8 +84,10 @@ def _run(cfg: DictConfig, recover) -> dict[str, Any]:
     run = _setup(cfg, check=lambda m, layers: plan(m, prune.ratio, layers, prune.gqa, prune.round_to,
                                                    tuple(prune.parts)))  # fmt: skip
     model, metrics = run.model, run.metrics
-    dense = copy.deepcopy(model)
-    if rank_and_world()[0] == 0:  # pruned once; the other ranks load the result
+    lead = rank_and_world()[0] == 0
+    # the dense model is kept only where it is used: as the KD teacher (frozen: bf16 on a GPU), or for the sweep
+    dense = copy.deepcopy(model) if recover is _distill or (lead and prune.sweep) else None
+    if lead:  # pruned once; the other ranks load the result
         calibration = _calibration(cfg, run.tokenizer)
         t0 = time.perf_counter()
         scores, peak_mb = score(model, calibration, prune.importance, run.layers, prune.aggregation, cfg.seed)
@@ -101,10 +104,11 @@ def _run(cfg: DictConfig, recover) -> dict[str, Any]:
         if prune.sweep:
             metrics["sweep"] = sweep(cfg, dense, scores, run)
     barrier("pruning on rank 0")
-    if rank_and_world()[0] != 0:
+    if not lead:
         log.info("loading the model that rank 0 pruned from %s", run.out / "pruned")
         model = load_model(**{**cfg.model, "name": str(run.out / "pruned")}, device=run.model.device).eval()
-    recovered = recover(cfg, model, dense if recover is _distill else None, loss, run.data, run.out)
+    teacher = _frozen_teacher(dense) if recover is _distill else None
+    recovered = recover(cfg, model, teacher, loss, run.data, run.out)
     return _finish(cfg, run, recovered, {"dense": cfg.model, "pruned": run.out / "pruned"})
 
 
@@ -218,6 +222,11 @@ def _distill(cfg, model, dense, loss, data, out) -> tuple[PreTrainedModel | None
         return model, []
     trainer, _, _, model = train(cfg, model, dense, loss, data, out)
     return model, trainer.loggers
+
+
+def _frozen_teacher(dense: PreTrainedModel) -> PreTrainedModel:
+    """The unpruned model as a KD teacher: frozen, in the frozen-model dtype (bfloat16 on a GPU)."""
+    return frozen(dense.to(DTYPES[resolve_dtype("auto", dense.device, "teacher")]))
 
 
 def _layers(spec: str, n: int) -> list[int]:
