@@ -81,6 +81,8 @@ BAD = {
     ("slurm.node=2",): "error: unknown key 'slurm.node'; did you mean 'slurm.nodes'?",
     ("slurm.nodes=two",): "error: slurm.nodes expects int, got 'two'",
     ("trainer.max_stepz=5",): "error: unknown key 'trainer.max_stepz'; did you mean 'trainer.max_steps'",
+    ("data.seq_len=0",): "error: data.seq_len=0: must be an integer >= 2",  # the run's own checks, before the queue
+    ("data.source=/no/such.txt",): "error: data.source=/no/such.txt: no such file or folder",
 }
 
 

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from distillprune.config import load_recipe
 from distillprune.errors import UserError
+from distillprune.validate import check_choices, check_files, check_ranges
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "slurm" / "job.sbatch.template"
@@ -77,6 +78,9 @@ def prepare(argv: list[str]) -> tuple[str, _Job | None]:
     slurm_args = [a for a in argv if a.startswith("slurm.")]
     recipe_args = [a for a in argv if not a.startswith("slurm.")]
     cfg = load_recipe(recipe_args)  # unknown recipe or key, wrong type: an error before anything is submitted
+    check_ranges(cfg)  # and the cheap checks of the run's first stage: no bad input waits in the queue
+    check_choices(cfg)
+    check_files(cfg)
     section = cfg.get("slurm")  # a recipe may carry the job's defaults
     options = _options(OmegaConf.to_container(section) if section is not None else {}, slurm_args)
     if options.nodes < 1:
