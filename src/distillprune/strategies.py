@@ -156,7 +156,7 @@ def trained_student(trainer: Any, student: PreTrainedModel) -> PreTrainedModel |
                     p.data = state[name].to(p.device)
         return student.float()
     plain = _fresh_like(student)
-    missing, unexpected = plain.load_state_dict(state, strict=False)
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)  # the gathered tensors themselves
     plain.tie_weights()
     if unexpected or set(missing) - _tied_keys(plain):
         raise RuntimeError(f"gathered student does not fit its config: missing {missing}, unexpected {unexpected}")
@@ -180,14 +180,19 @@ def _deepspeed_params(student: nn.Module, keep: bool):  # noqa: ANN202 - a gener
 
 
 def _fresh_like(student: PreTrainedModel) -> PreTrainedModel:
-    """An empty float32 model of the student's config (a PEFT model around one, with the same adapters)."""
+    """A float32 model of the student's config with its parameters on the meta device (no memory, no random
+    init: the gathered weights are assigned in), buffers real; a PEFT model around one, with the same adapters."""
+    from accelerate import init_empty_weights
     from peft import PeftModel, get_peft_model
 
     base = student.get_base_model() if isinstance(student, PeftModel) else student
-    plain = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), dtype=torch.float32)
-    plain.generation_config = copy.deepcopy(base.generation_config)
-    if isinstance(student, PeftModel):
-        return get_peft_model(plain, copy.deepcopy(student.peft_config["default"]))
+    with init_empty_weights():
+        plain = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), dtype=torch.float32)
+        if isinstance(student, PeftModel):
+            plain = get_peft_model(plain, copy.deepcopy(student.peft_config["default"]))
+    (plain.get_base_model() if isinstance(plain, PeftModel) else plain).generation_config = copy.deepcopy(
+        base.generation_config
+    )
     return plain
 
 
