@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from distillprune.data import collate
 from distillprune.errors import UserError
 from distillprune.generate import generate, stop_ids
+from distillprune.hardware import cpu_has_fast_bf16
 from distillprune.kd_memory import kd_ce, kd_ce_fused_linear
 from distillprune.losses import IGNORE_INDEX, Divergence, ForwardKL
 from distillprune.strategies import adamw, fsdp2_policy, shard_fsdp2
@@ -29,6 +30,12 @@ from distillprune.strategies import adamw, fsdp2_policy, shard_fsdp2
 def frozen(model: PreTrainedModel) -> PreTrainedModel:
     """Eval mode without gradients: how a teacher or a reference model is held."""
     return model.eval().requires_grad_(False)
+
+
+def _cpu_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen model moved to the CPU, in float32 unless the CPU runs bfloat16 fast (a GPU's bf16 teacher)."""
+    model = model.cpu()
+    return model if cpu_has_fast_bf16() else model.float()
 
 
 def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
@@ -107,7 +114,7 @@ class DistillSystem(L.LightningModule):
         self.student = student
         self.teacher = frozen(teacher) if teacher is not None and not teacher_on_cpu else None
         # a list hides a CPU teacher from the module tree, so no strategy moves, wraps or shards it
-        self._cpu_teacher = [frozen(teacher).cpu()] if teacher is not None and teacher_on_cpu else []
+        self._cpu_teacher = [_cpu_copy(frozen(teacher))] if teacher is not None and teacher_on_cpu else []
         self.kd_loss = loss if loss is not None else ForwardKL()  # CE-only training uses only its impl
         if self.kd_loss.impl == "fused_linear" and any(_scaled_logits(m) for m in (student, teacher)):
             raise ValueError(
