@@ -41,11 +41,25 @@ def main() -> None:
             r["tables_markdown"].replace("### ", "#### "),
             "",
         ]
+    parts += _gpu_check(records.get("gpu_check"))
     out = ROOT / "BENCHMARKS.md"
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(parts))
     os.replace(tmp, out)
     print(f"written {out.relative_to(ROOT)} ({len(records)} results)")
+
+
+def _gpu_check(r: dict | None) -> list[str]:
+    """``make gpu-check`` (tests/test_gpu.py) writes gpu_check.json on a CUDA machine: its figures, or a note."""
+    lines = ["## gpu_check", ""]
+    if not r:
+        return lines + ["`make gpu-check` has not run on a GPU yet: no session has been lent one since it exists.", ""]
+    lines += [f"`make gpu-check` on {r['device']}, torch {r['torch']}.", "", "| check | wall s | figures |", "|---|---|---|"]
+    for name, values in r.items():
+        if isinstance(values, dict):
+            figures = {k: v for k, v in values.items() if k not in ("auto", "wall_s")}
+            lines.append(f"| {name} | {values.get('wall_s', '-')} | {json.dumps(figures) if figures else '-'} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":
