@@ -54,7 +54,12 @@ def _gpu_check(r: dict | None) -> list[str]:
     lines = ["## gpu_check", ""]
     if not r:
         return lines + ["`make gpu-check` has not run on a GPU yet: no session has been lent one since it exists.", ""]
-    lines += [f"`make gpu-check` on {r['device']}, torch {r['torch']}.", "", "| check | wall s | figures |", "|---|---|---|"]
+    lines += [
+        f"`make gpu-check` on {r['device']}, torch {r['torch']}.",
+        "",
+        "| check | wall s | figures |",
+        "|---|---|---|",
+    ]
     for name, values in r.items():
         if isinstance(values, dict):
             figures = {k: v for k, v in values.items() if k not in ("auto", "wall_s")}
