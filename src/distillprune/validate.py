@@ -289,6 +289,11 @@ def check_models(cfg: DictConfig) -> None:
         heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
         if isinstance(heads, int) and isinstance(kv, int) and (kv < 1 or heads % kv):
             raise UserError(f"{key}: {folders[key]}/config.json has {heads} heads, not divisible into {kv} KV groups")
+    seq_len = OmegaConf.select(cfg, "data.seq_len", default=None)
+    for key, config in configs.items():
+        longest = config.get("max_position_embeddings")
+        if isinstance(seq_len, int) and isinstance(longest, int) and seq_len > longest:
+            raise UserError(f"data.seq_len={seq_len} is longer than {key}'s max_position_embeddings ({longest})")
     student = OmegaConf.select(cfg, "student", default=None)
     if student is not None and "student.name" in configs:
         _check_student(student, configs["student.name"])
