@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -170,8 +171,15 @@ def test_wandb_mode_from_the_environment_wins_over_auto(tmp_path: Path, monkeypa
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # would mean online without the environment's mode
     assert [type(lg).__name__ for lg in build_loggers(cfg, tmp_path)] == ["CSVLogger"]
     cfg.logger.wandb.mode = "offline"  # an explicit recipe setting is still the recipe's
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert [type(lg).__name__ for lg in build_loggers(cfg, tmp_path)] == ["CSVLogger", "WandbLogger"]
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    try:
+        assert [type(lg).__name__ for lg in build_loggers(cfg, tmp_path)] == ["CSVLogger", "WandbLogger"]
+    finally:  # W&B's service exports WANDB_SERVICE: later subprocesses (SLURM jobs) must not share this one
+        import wandb
+
+        wandb.finish()
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
 
 
 def test_one_output_folder_per_launch(monkeypatch) -> None:
