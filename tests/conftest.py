@@ -81,7 +81,7 @@ def make_tiny_model(
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=1024,
         tie_word_embeddings=True,
         initializer_range=0.2,  # lively enough that greedy outputs vary from token to token
         pad_token_id=tokenizer.pad_token_id,

@@ -78,7 +78,7 @@ def _cases(a: dict[str, Path], out: Path) -> list[tuple[str, list[str], str]]:
         ("model folder without config", [*kd, f"teacher.name={r}/no_config"], f"teacher.name={r}/no_config: not a model folder"),
         ("not a model name", [*kd, "teacher.name=not a model"], "teacher.name=not a model: not a packaged alias"),
         ("layer index out of range", [*kd, "student.keep_layers=[0,9]"], "student.keep_layers [0, 9] must be distinct"),
-        ("sequence longer than the model's positions", [*kd, "data.seq_len=4096"], "data.seq_len=4096 is longer than teacher.name's max_position_embeddings (512)"),
+        ("sequence longer than the model's positions", [*kd, "data.seq_len=4096"], "data.seq_len=4096 is longer than teacher.name's max_position_embeddings (1024)"),
         ("heads not divisible", [*kd, "student.init=config", "student.config_overrides={num_attention_heads: 3}"],
          "student.config_overrides: hidden_size 64 is not divisible by 3 heads"),
         ("tokenizers differ", [*kd, f"student.name={a['other_tok']}"], "teacher ("),
