@@ -42,6 +42,22 @@ def uses_cuda(accelerator: str = "auto", cuda_available: bool | None = None) -> 
     return accelerator in ("auto", "gpu", "cuda") and cuda
 
 
+def check_devices(accelerator: str, devices: int | str) -> None:
+    """``trainer.devices`` that this machine has: GPUs on a CUDA run, cores on a CPU run (one process each)."""
+    if not isinstance(devices, int):
+        return
+    if devices < 1:
+        raise UserError(f"trainer.devices={devices}: use a positive number of devices")
+    if uses_cuda(accelerator):
+        available = torch.cuda.device_count()
+        if devices > available:
+            raise UserError(f"trainer.devices={devices} but this machine has {available} CUDA GPU(s); use at most that")
+    elif devices > (os.cpu_count() or 1):
+        raise UserError(
+            f"trainer.devices={devices} CPU processes but this machine has {os.cpu_count()} cores; use at most that"
+        )
+
+
 def run_device(accelerator: str = "auto", cuda_available: bool | None = None) -> torch.device:
     """The device this process trains on, and where it loads models for the work before and after ``fit``
     (generation, calibration, perplexity, evaluation): its local rank's GPU, or the CPU."""

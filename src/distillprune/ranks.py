@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from distillprune.errors import UserError
-from distillprune.hardware import uses_cuda
+from distillprune.hardware import check_devices, uses_cuda
 
 log = logging.getLogger(__name__)
 TIMEOUT = timedelta(hours=4)  # a rank waits this long for another's work before training (generation, pruning)
@@ -41,7 +41,9 @@ def start(cfg: DictConfig) -> None:
     if not isinstance(devices, int) or devices * nodes <= 1:
         return
     env = _environment()
+    cuda = uses_cuda(str(trainer.get("accelerator", "auto")))
     if env is None:  # one command on one machine: start the other local ranks now, as Lightning would at fit
+        check_devices(str(trainer.get("accelerator", "auto")), devices)
         if nodes > 1:
             raise UserError("trainer.num_nodes > 1 needs a launcher that starts every node (srun or torchrun)")
         _spawn(devices)
@@ -50,7 +52,6 @@ def start(cfg: DictConfig) -> None:
         env = LightningEnvironment()
         env.set_world_size(devices)
         env.set_global_rank(int(os.environ["LOCAL_RANK"]))
-    cuda = uses_cuda(str(trainer.get("accelerator", "auto")))
     if cuda:
         torch.cuda.set_device(env.local_rank())
     from lightning.fabric.utilities.distributed import _init_dist_connection

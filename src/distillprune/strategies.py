@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distillprune.choices import STRATEGIES
 from distillprune.errors import UserError
-from distillprune.hardware import decide
+from distillprune.hardware import check_devices, decide
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ SHARDED = ("deepspeed_stage_3", "deepspeed_stage_3_offload", "fsdp")  # paramete
 
 def build_strategy(name: str, accelerator: str = "auto", devices: int | str = "auto") -> str | Strategy:
     """The Lightning strategy for ``trainer.strategy``; bad names and impossible requests are one-line errors."""
-    _check_devices(accelerator, devices)
+    check_devices(accelerator, devices)
     if name in ("auto", "ddp"):
         return name
     if name in ZERO:
@@ -289,22 +289,6 @@ def _atomic_folder(strategy: Strategy, save: Callable[[str], None], filepath: An
         os.rename(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     strategy.barrier()
-
-
-def _check_devices(accelerator: str, devices: int | str) -> None:
-    if not isinstance(devices, int):
-        return
-    if devices < 1:
-        raise UserError(f"trainer.devices={devices}: use a positive number of devices")
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if gpu:
-        available = torch.cuda.device_count()
-        if devices > available:
-            raise UserError(f"trainer.devices={devices} but this machine has {available} CUDA GPU(s); use at most that")
-    elif devices > (os.cpu_count() or 1):
-        raise UserError(
-            f"trainer.devices={devices} CPU processes but this machine has {os.cpu_count()} cores; use at most that"
-        )
 
 
 def _check_cpu_adam(name: str) -> None:

@@ -186,6 +186,11 @@ def check_ranges(cfg: DictConfig) -> None:
     accelerator = OmegaConf.select(cfg, "trainer.accelerator", default="auto")
     if accelerator not in ACCELERATORS:
         raise UserError(f"trainer.accelerator '{accelerator}' is unknown; choose {', '.join(ACCELERATORS)}")
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    if isinstance(devices, int) and devices > 1:  # before any process is started for them
+        from distillprune.hardware import check_devices
+
+        check_devices(str(accelerator), devices)
     text = OmegaConf.select(cfg, "evaluate.text", default=None)
     if text is not None and "stride" in text and "context" in text and text.stride > text.context:
         raise UserError(f"evaluate.text.stride={text.stride} must be in 1..context ({text.context})")
