@@ -262,6 +262,8 @@ _TABLES = {
 
 def write_metrics(metrics: dict[str, Any], out: Path) -> None:
     """Write ``metrics.json`` atomically and print what it holds as small tables."""
+    if rank_zero_only.rank != 0:  # one writer: ranks that reach the end of a stage together (generate-only)
+        return
     metrics["auto"] = decisions()  # what each auto setting chose on this machine, and why
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
