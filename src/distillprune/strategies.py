@@ -122,7 +122,7 @@ def shard_fsdp2(model: nn.Module, mesh: Any, reshard_after_forward: bool = True,
     """FSDP2: ``fully_shard`` every decoder layer (the classes in ``_no_split_modules``), then the whole model."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = mp_policy or MixedPrecisionPolicy()
+    policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_classes:

@@ -104,6 +104,9 @@ def _run(cfg: DictConfig, recover) -> dict[str, Any]:
         if prune.sweep:
             metrics["sweep"] = sweep(cfg, dense, scores, run)
     barrier("pruning on rank 0")
+    # the same random state on every rank from here: LoRA adapters are initialised per rank, and FSDP2 shards each
+    # rank's own values (nothing is broadcast), so rank 0's extra work above must not leave it a different state
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     if not lead:
         log.info("loading the model that rank 0 pruned from %s", run.out / "pruned")
         model = load_model(**{**cfg.model, "name": str(run.out / "pruned")}, device=run.model.device).eval()
