@@ -238,21 +238,14 @@ def readable(path: Path, key: str) -> Path:
 def check_resume(cfg: DictConfig) -> None:
     """``resume``: a checkpoint that exists and is whole (``auto``: the run folder's newest, when there is one)."""
     resume = cfg.get("resume")
-    if resume in (None, "", "never"):
+    if resume in (None, "", "never") or (resume == "auto" and cfg.get("output_dir") is None):
         return
-    if resume == "auto":
-        if cfg.get("output_dir") is None:
-            return
-        ckpts = Path(cfg.output_dir) / "checkpoints"
-        found = [p for p in [ckpts / "last.ckpt", *ckpts.parent.glob("hpc_ckpt_*.ckpt")] if p.exists()]
-        if not found:
-            return
-        path = max(found, key=lambda p: p.resolve().stat().st_mtime)
-    else:
-        path = Path(resume)
-        if not path.exists():
-            raise UserError(f"resume={resume}: no such checkpoint file or folder")
-    check_checkpoint(path.resolve() if path.is_symlink() else path, f"resume={resume}")
+    from distillprune.checkpoint import resolve_resume  # the one lookup the run itself uses
+
+    found = resolve_resume(resume, Path(cfg.output_dir or ".") / "checkpoints")
+    if found is not None:
+        path = Path(found)
+        check_checkpoint(path.resolve() if path.is_symlink() else path, f"resume={resume}")
 
 
 def check_checkpoint(path: Path, what: str) -> None:
