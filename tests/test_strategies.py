@@ -56,12 +56,23 @@ def test_two_ranks_equal_one_process_through_resume(
 ) -> None:
     out = _train_twice(
         tiny_model_dir, tiny_text_file, tmp_path / strategy, 2,
-        f"trainer.strategy={strategy}", "trainer.devices=2", *MULTI[strategy],
-    )  # fmt: skip
+        f"trainer.strategy={strategy}", "trainer.devices=2", "data.val_batches=2", *MULTI[strategy],
+    )  # fmt: skip  # 2 validation batches of 2: the 4 rows of the single run
     want, got = _losses(single), _losses(out)
     assert sorted(got) == list(range(6))  # steps 0-3, then 4-5 after the resume
     for step, loss in want.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
+
+    # the measurements before training: on rank 0 with whole models, or by every rank inside a sharding strategy
+    # (and, after the resume, the values of the first start, from the checkpoint)
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (single, out))
+    for key in ("teacher", "student_init", "student"):
+        assert two[key]["val_loss"] == pytest.approx(one[key]["val_loss"], rel=1e-4), key
+    sharded = strategy in ("deepspeed_stage_3", "fsdp")
+    assert ("model_loading" in two["auto"]) == sharded
+    for model in ("student", "teacher"):  # what rank 0 held once its models were loaded: meta, a half, or all
+        held, whole = two["resident_params"][model], two["params"][model]
+        assert held == {"fsdp": 0, "deepspeed_stage_3": pytest.approx(whole / 2, rel=0.01)}.get(strategy, whole)
 
     ckpt = out / "checkpoints"
     assert (ckpt / "last.ckpt").resolve().name == "step000006.ckpt"
@@ -268,3 +279,29 @@ def test_fsdp2_under_bf16_mixed_computes_in_bf16_and_exports_float32(
     assert metrics["auto"]["fsdp_mixed_precision"]["choice"] == "bf16 params, fp32 reduce"
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert next(final.parameters()).dtype == torch.float32 and all(v < 20 for v in _losses(out).values())
+
+
+@needs_two_cores
+def test_sharded_loading_of_a_pretrained_student(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    # the path transformers takes under ZeRO-3 (zero.Init in from_pretrained) and ours under FSDP2 (meta model,
+    # each rank reading its rows); the default recipe's layer_drop student takes ours under both (test above)
+    def run(name: str, *extra: str) -> Path:
+        out = tmp_path / name
+        run_train("recipe=logit_distill", *tiny_overrides(tiny_model_dir, tiny_text_file, out, steps=3),
+                  "student.init=pretrained", "loss.impl=chunked", "evaluate.speed.batch_sizes=[]", *extra)  # fmt: skip
+        return out
+
+    single = run("single", "data.batch_size=4", "trainer.precision=32-true")
+    fsdp = run("fsdp", "trainer.strategy=fsdp", "trainer.devices=2", "trainer.precision=32-true")
+    assert _losses(fsdp) == pytest.approx(_losses(single), rel=1e-5)
+    metrics = json.loads((fsdp / "metrics.json").read_text())
+    assert metrics["resident_params"]["student"] == 0 and metrics["params"]["student"] > 0
+    a, b = (AutoModelForCausalLM.from_pretrained(d / "final") for d in (single, fsdp))
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=name)
+    # ZeRO-3 under bf16-mixed: the partitions are created in bfloat16, the exported model is the float32 masters
+    zero3 = run("zero3", "trainer.strategy=deepspeed_stage_3", "trainer.devices=2", "trainer.precision=bf16-mixed")
+    assert _losses(zero3) == pytest.approx(_losses(single), rel=3e-2)  # bf16 compute vs float32
+    metrics = json.loads((zero3 / "metrics.json").read_text())
+    assert metrics["resident_params"]["student"] == pytest.approx(metrics["params"]["student"] / 2, rel=0.01)
+    assert next(AutoModelForCausalLM.from_pretrained(zero3 / "final").parameters()).dtype == torch.float32

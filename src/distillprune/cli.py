@@ -41,12 +41,26 @@ def main(argv: list[str] | None = None) -> int:
         requeue_on_signal_now()  # under SLURM: the pre-timeout signal is honoured from the first second
         start(cfg)  # several ranks: all of them running, the process group open, before any work
         locate(cfg._target_)(cfg)
+        _leave_if_not_rank_zero()
     except (UserError, MisconfigurationException) as err:
         return _fail(err)
     except KeyboardInterrupt:
         print("interrupted; resume with resume=auto and the same output_dir", file=sys.stderr)
         return 130
     return 0
+
+
+def _leave_if_not_rank_zero() -> None:
+    """A rank other than 0 whose work is done exits at once, skipping interpreter teardown: rank 0 writes every
+    result, and a C++ thread of the collective libraries left joinable at teardown aborts the process now and
+    then ("terminate called without an active exception"), which would stop the other ranks."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _fail(err: Exception) -> int:

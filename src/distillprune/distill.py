@@ -24,6 +24,7 @@ from distillprune.generate import generate, stop_ids
 from distillprune.hardware import cpu_has_fast_bf16
 from distillprune.kd_memory import kd_ce, kd_ce_fused_linear
 from distillprune.losses import IGNORE_INDEX, Divergence, ForwardKL
+from distillprune.sharded import fill_shards
 from distillprune.strategies import adamw, fsdp2_policy, shard_fsdp2
 
 
@@ -170,15 +171,17 @@ class DistillSystem(L.LightningModule):
         self.log_dict({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}, sync_dist=True)
 
     def configure_model(self) -> None:
-        """FSDP2 (``trainer.strategy=fsdp``): shard the student and the frozen teacher per decoder layer. Under
-        other strategies the models are used as passed in (DeepSpeed partitions them in ``initialize``)."""
+        """FSDP2 (``trainer.strategy=fsdp``): shard the student and the frozen teacher per decoder layer (and read
+        the shards of a model built on the meta device, ``distillprune.sharded``). Under other strategies the
+        models are used as passed in (DeepSpeed partitions them in ``initialize``, unless they were loaded so)."""
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None or self._fsdp_done:
             return
         policy = fsdp2_policy(str(self.trainer.precision))
-        shard_fsdp2(self.student, mesh["data_parallel"], mp_policy=policy)
-        if self.teacher is not None:
-            shard_fsdp2(self.teacher, mesh["data_parallel"], mp_policy=policy)
+        for model in (self.student, self.teacher):
+            if model is not None:
+                shard_fsdp2(model, mesh["data_parallel"], mp_policy=policy)
+                fill_shards(model, self.trainer.strategy.root_device)  # a model built on the meta device
         self._fsdp_done = True
 
     def configure_optimizers(self) -> dict:

@@ -117,9 +117,7 @@ def load_student(
 
 def drop_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     """A copy of ``model`` with only the decoder layers in ``keep`` (in that order); embeddings and head kept."""
-    n = model.config.num_hidden_layers
-    if len(set(keep)) != len(keep) or any(not 0 <= i < n for i in keep):
-        raise UserError(f"keep_layers {keep} must be distinct layer indices in [0, {n - 1}]")
+    check_keep(keep, model.config.num_hidden_layers)
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = len(keep)
     if getattr(config, "layer_types", None):
@@ -137,6 +135,12 @@ def drop_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     return student.to(model.dtype)
 
 
+def check_keep(keep: list[int], n: int) -> None:
+    """``student.keep_layers`` must be distinct indices of the ``n`` source layers."""
+    if len(set(keep)) != len(keep) or any(not 0 <= i < n for i in keep):
+        raise UserError(f"keep_layers {keep} must be distinct layer indices in [0, {n - 1}]")
+
+
 def shared_vocab_size(
     teacher: PreTrainedModel,
     student: PreTrainedModel,
@@ -150,13 +154,17 @@ def shared_vocab_size(
             f"teacher and student tokenizers differ ({len(tokenizer)} vs {len(student_tokenizer)} tokens); "
             "logit distillation needs a shared vocabulary"
         )
-    tv, sv = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    tv, sv = (_rows(m.get_output_embeddings().weight) for m in (teacher, student))
     if tv == sv:
         return None
     if min(tv, sv) < len(tokenizer):
         raise UserError(f"teacher vocab ({tv}) and student vocab ({sv}) differ and one is smaller than the tokenizer")
     log.info("vocab: teacher %d vs student %d rows; comparing the %d real tokens", tv, sv, len(tokenizer))
     return len(tokenizer)
+
+
+def _rows(weight: torch.Tensor) -> int:
+    return getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partition keeps its whole shape aside
 
 
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
+from distillprune import sharded
 from distillprune.checkpoint import (
     AtomicCheckpointIO,
     RequeueOnSignal,
@@ -33,7 +34,7 @@ from distillprune.evaluate import perplexity
 from distillprune.evaluation import evaluate_stage
 from distillprune.hardware import decisions, resolve_precision, run_device
 from distillprune.losses import Divergence
-from distillprune.models import export, load_model, load_student, load_tokenizer, shared_vocab_size
+from distillprune.models import export, load_model, load_tokenizer, shared_vocab_size
 from distillprune.report import comparison_rows
 from distillprune.strategies import build_strategy, resolve_loss_impl, trained_student
 
@@ -52,26 +53,32 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.student.name)
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     data.setup("fit")
-    student = load_student(**cfg.student, device=device)
-    metrics: dict[str, Any] = {"params": {"student": _count(student)}}
-    teacher = None
+    how = sharded.loading(cfg)  # under ZeRO-3 / FSDP on several ranks no rank loads a whole model
+    student = sharded.load_trained_student(cfg.student, how, cfg, device)
+    metrics: dict[str, Any] = {"params": {"student": sharded.full_numel(student)}}
+    metrics["resident_params"] = {"student": sharded.resident_numel(student)}  # on this rank, once loaded
+    before = sharded.BeforeTraining() if how != "whole" else None  # measured in the strategy, by every rank
     lead = rank_zero_only.rank == 0  # other ranks (started by the launcher or srun) only train
-    if cfg.teacher is not None:
-        teacher = load_model(**cfg.teacher, device=device, role="teacher")
-        metrics["params"]["teacher"] = _count(teacher)
-        if lead:
-            metrics["teacher"] = perplexity(teacher, data.val_dataloader())
-        if loss is None:
-            teacher = None  # evaluated for the report only; CE training never needs it in memory
-        else:
+    teacher = None
+    if cfg.teacher is not None and (loss is not None or (lead and before is None)):
+        teacher = sharded.load_teacher(cfg.teacher, how, cfg, device)
+        metrics["params"]["teacher"] = sharded.full_numel(teacher)
+        metrics["resident_params"]["teacher"] = sharded.resident_numel(teacher)
+        if loss is not None:
             loss.vocab_size = shared_vocab_size(teacher, student, load_tokenizer(cfg.teacher.name), tokenizer)
-    if lead:
+    if lead and before is None:
+        if teacher is not None:
+            metrics["teacher"] = perplexity(teacher, data.val_dataloader())
         metrics["student_init"] = perplexity(student, data.val_dataloader())
         log.info("before training: %s", metrics)
+    if loss is None:
+        teacher = None  # evaluated for the report only; CE training never needs it in memory
 
-    trainer, system, fit_s, student = train(cfg, student, teacher, loss, data, out)
+    extra = [before] if before is not None else []
+    trainer, system, fit_s, student = train(cfg, student, teacher, loss, data, out, callbacks=extra)
     if student is None:
         return {}
+    metrics.update(before.metrics if before else {})
     metrics["student"] = perplexity(student, data.val_dataloader())
     export(student, tokenizer, out / "final")
     metrics.update(
@@ -81,6 +88,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         tokens_per_s=round(system.tokens_seen * trainer.world_size / fit_s, 1),
     )
     models = {} if cfg.teacher is None else {"teacher": evaluation_teacher(cfg, teacher, trainer.world_size, student)}
+    if "teacher" in models and "teacher" not in metrics:  # CE-only on sharded ranks: measured now, on rank 0
+        metrics["params"]["teacher"] = _count(models["teacher"])
+        metrics["teacher"] = perplexity(models["teacher"], data.val_dataloader())
     evaluate_stage(cfg, {**models, "student": student}, tokenizer, out, metrics, trainer.loggers)
     metrics.update(wall_s=round(time.perf_counter() - start, 1), output_dir=str(out))
     write_metrics(metrics, out)
@@ -118,6 +128,7 @@ def train(
     data: L.LightningDataModule,
     out: Path,
     system_overrides: dict[str, Any] | None = None,
+    callbacks: list[L.Callback] | None = None,
 ) -> tuple[L.Trainer, L.LightningModule, float, PreTrainedModel | None]:
     """Fit ``cfg.system`` around the models on ``data``, checkpointing under ``out``; resumes per ``cfg.resume``.
 
@@ -126,7 +137,7 @@ def train(
     system = instantiate(
         cfg.system, student=student, teacher=teacher, loss=loss, seed=cfg.seed, **(system_overrides or {})
     )
-    trainer = build_trainer(cfg, out)
+    trainer = build_trainer(cfg, out, callbacks)
     ckpt_path = resolve_resume(cfg.resume, out / "checkpoints")
     fit_start = time.perf_counter()
     try:
@@ -173,8 +184,9 @@ def prepare_output_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
-    """The Lightning trainer of ``cfg.trainer`` with atomic checkpoints, CSV (+ W&B) logs and a progress bar."""
+def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    """The Lightning trainer of ``cfg.trainer`` with atomic checkpoints, CSV (+ W&B) logs, a progress bar and
+    the run's ``extra_callbacks``."""
     ckpt = ModelCheckpoint(
         dirpath=out / "checkpoints",
         filename="step{step:06d}",
@@ -186,7 +198,7 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
         save_last="link",
     )
     slurm_env, slurm_callbacks = slurm_plugins()
-    callbacks: list = [ckpt, *slurm_callbacks]
+    callbacks: list = [ckpt, *slurm_callbacks, *(extra_callbacks or [])]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
     return instantiate(
