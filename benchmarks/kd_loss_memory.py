@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from distillprune.kd_memory import kd_ce, kd_ce_fused_linear
 from distillprune.losses import JSD
+from distillprune.objective import Objective
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = ("dense", "chunked", "fused_linear")
@@ -76,15 +76,15 @@ def _measure(impl: str, vocab: int, hidden: int, tokens: int) -> dict:
     h_t = torch.randn(tokens, hidden, generator=g)
     w_t = torch.randn(vocab, hidden, generator=g) * hidden**-0.5
     targets = torch.randint(0, vocab, (tokens,), generator=g)
-    loss = JSD(0.5, impl=impl)
+    objective = Objective(JSD(0.5), impl)
     base = _reset_peak()
     start = time.perf_counter()
     if impl == "fused_linear":
-        total, _, _ = kd_ce_fused_linear(loss, h_s, w_s, h_t, w_t, targets, 0.5)
+        total, _, _ = objective.fused_linear(h_s, w_s, h_t, w_t, targets, 0.5)
     else:
         with torch.no_grad():
             teacher_logits = h_t @ w_t.T  # [N, V]
-        total, _, _ = kd_ce(loss, h_s @ w_s.T, teacher_logits, targets, 0.5)
+        total, _, _ = objective(h_s @ w_s.T, teacher_logits, targets, 0.5)
     total.backward()
     seconds = time.perf_counter() - start
     peak_mb = (_status_kb("VmHWM") - base) / 1024

@@ -5,7 +5,7 @@
 Same teacher (SmolLM2-135M), student (its layers [0, 6, 12, 18, 24, 29]), batch, sequence length, float32 and the
 same Shakespeare blocks for both. TRL runs GKDTrainer with beta=0 (forward KL, teacher || student), lmbda=0 (no
 on-policy samples), temperature 1, gradient checkpointing off, AdamW; distillprune runs DistillSystem with the
-same objective (kd_weight=1, ForwardKL, T=1) for each loss.impl. A step is forward (both models) + backward +
+same objective (kd_weight=1, ForwardKL, T=1) for each system.loss_impl. A step is forward (both models) + backward +
 optimizer step, data loading included; tokens/s is batch x seq_len over the median of the timed steps after the
 warm-up. Each engine runs in a fresh process, twice (in the order TRL, ours, ..., then reversed, so that a drift of
 the machine's speed does not favour one side); peak MB is the peak resident memory (VmHWM) of its processes.
@@ -87,8 +87,9 @@ def _ours(engine: str, teacher, student, blocks: torch.Tensor, batch: int) -> li
     from distillprune.distill import DistillSystem
     from distillprune.losses import ForwardKL
 
-    loss = ForwardKL(temperature=1.0, impl=engine.split(":")[1])
-    return fit(DistillSystem(student, teacher, loss, kd_weight=1.0, warmup_steps=0), blocks, batch)
+    system = DistillSystem(student, teacher, ForwardKL(temperature=1.0), kd_weight=1.0, warmup_steps=0,
+                           loss_impl=engine.split(":")[1])  # fmt: skip
+    return fit(system, blocks, batch)
 
 
 def _trl(tok, teacher, student, blocks: torch.Tensor, batch: int) -> list[float]:

@@ -4,7 +4,7 @@
 
 In one process: first the peak, the best of several float32 square matmuls (torch.mm, the threads the step
 uses) at sizes 1024-4096; then distillprune's KD step (the logit_distill set-up: SmolLM2-135M teacher, 6-layer
-student, ForwardKL, the fused-linear loss that loss.impl=auto picks) timed after one warm-up step. FLOPs per
+student, ForwardKL, the fused-linear loss that system.loss_impl=auto picks) timed after one warm-up step. FLOPs per
 step are counted from the shapes: student forward + backward = 3 x forward, teacher forward only; a forward is
 2 FLOPs per matmul weight and token plus the causal attention (4 x query width x mean keys per layer). The
 loss's element-wise work is not counted (it is memory-bound; counting it would flatter the result). Writes
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fit, kd_blocks, kd_models, table, write_result  # noqa: E402
 
-from distillprune.evaluate import flops_per_token  # noqa: E402
+from distillprune.evaluation.metrics import flops_per_token  # noqa: E402
 
 
 def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072, 4096), repeats: int = 3) -> dict[int, float]:
@@ -59,8 +59,8 @@ def main() -> None:
     tokens = args.batch * args.seq_len
     flops = tokens * (3 * flops_per_token(student, args.seq_len) + flops_per_token(teacher, args.seq_len))
     blocks = kd_blocks(tok, args.seq_len, args.batch * (args.steps + 1))
-    loss = ForwardKL(impl="fused_linear")  # what the recipes' loss.impl=auto runs on one device
-    system = DistillSystem(student, teacher, loss, kd_weight=1.0, warmup_steps=0)
+    # the fused-linear objective: what the recipes' system.loss_impl=auto runs on one device
+    system = DistillSystem(student, teacher, ForwardKL(), kd_weight=1.0, warmup_steps=0, loss_impl="fused_linear")
     step_s = statistics.median(fit(system, blocks, args.batch)[1:])
     achieved = flops / step_s
     rows = [[f"torch.mm {n}x{n} float32", f"{f / 1e9:.1f}", "-", "-"] for n, f in peaks.items()]

@@ -22,12 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TEACHER, kd_blocks, table, write_result  # noqa: E402
 
-from distillprune.evaluate import count_params  # noqa: E402
+from distillprune.evaluation.metrics import count_params  # noqa: E402
+from distillprune.evaluation.speed import generation_speed  # noqa: E402
 from distillprune.models import load_model, load_tokenizer  # noqa: E402
 from distillprune.prune.groups import layer_widths  # noqa: E402
 from distillprune.prune.importance import score  # noqa: E402
 from distillprune.prune.surgery import apply, plan, select  # noqa: E402
-from distillprune.speed import generation_speed  # noqa: E402
 
 LAYERS = list(range(3, 27))
 TARGET = 1.25

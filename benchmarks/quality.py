@@ -29,7 +29,7 @@ from prune_speed import LAYERS, pruned_copy  # noqa: E402
 
 from distillprune.data import load_documents, split_documents  # noqa: E402
 from distillprune.distill import DistillSystem  # noqa: E402
-from distillprune.evaluate import count_params, strided_perplexity  # noqa: E402
+from distillprune.evaluation.metrics import count_params, strided_perplexity  # noqa: E402
 from distillprune.losses import ForwardKL  # noqa: E402
 from distillprune.models import load_model, load_student, load_tokenizer  # noqa: E402
 from distillprune.prune.importance import score  # noqa: E402

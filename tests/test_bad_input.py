@@ -54,7 +54,7 @@ def _cases(a: dict[str, Path], out: Path) -> list[tuple[str, list[str], str]]:
     seq = ["recipe=seq_distill", *seq_overrides(a["model"], out, cache)]
     icl = ["recipe=icl_distill", *icl_overrides(a["model"], out, cache)]
     prune = ["recipe=prune_lora", *prune_overrides(a["model"], a["text"], out)]
-    ev = ["recipe=evaluate", f"model={a['model']}", f"evaluate.text.source={a['text']}", f"output_dir={out}"]
+    ev = ["recipe=evaluate", f"model.name={a['model']}", f"evaluate.text.source={a['text']}", f"output_dir={out}"]
     return [
         ("zero sequence length", [*kd, "data.seq_len=0"], "data.seq_len=0: must be an integer >= 2"),
         ("zero batch size", [*kd, "data.batch_size=0"], "data.batch_size=0: must be an integer >= 1"),
@@ -71,7 +71,7 @@ def _cases(a: dict[str, Path], out: Path) -> list[tuple[str, list[str], str]]:
         ("missing DeepSpeed config", [*kd, f"trainer.strategy={r}/nope.json"], f"trainer.strategy={r}/nope.json: no such"),
         ("DeepSpeed config not JSON", [*kd, f"trainer.strategy={r}/bad.json"], f"trainer.strategy={r}/bad.json: not valid JSON"),
         ("unknown accelerator", [*kd, "trainer.accelerator=tpu"], "trainer.accelerator 'tpu' is unknown"),
-        ("unknown loss impl", [*kd, "loss.impl=fast"], "loss.impl 'fast' is unknown; choose auto, dense"),
+        ("unknown loss impl", [*kd, "system.loss_impl=fast"], "system.loss_impl 'fast' is unknown; choose auto, dense"),
         ("unknown dtype", [*kd, "teacher.dtype=fp8"], "teacher.dtype 'fp8' is unknown; choose auto, float32"),
         ("missing data file", [*kd, f"data.source={r}/nope.txt"], f"data.source={r}/nope.txt: no such file or folder"),
         ("missing eval text", [*kd, f"evaluate.text.source={r}/nope.txt"], f"evaluate.text.source={r}/nope.txt: no such"),

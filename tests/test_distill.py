@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillprune.data import IGNORE_INDEX, collate, encode_chat
-from distillprune.distill import DistillSystem, on_policy_coin, shifted
-from distillprune.icl import encode_views
-from distillprune.losses import ForwardKL
+from distillprune.data import collate, encode_chat
+from distillprune.distill import DistillSystem, on_policy_coin
+from distillprune.incontext import encode_views
+from distillprune.losses import IGNORE_INDEX, ForwardKL
 from distillprune.models import load_model, load_tokenizer
+from distillprune.objective import shifted
 
 
 @pytest.fixture()
@@ -107,9 +108,9 @@ def test_bad_settings() -> None:
 def test_fused_linear_refuses_models_that_rescale_their_logits(pair) -> None:
     student, teacher, _ = pair
     teacher.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits = 30 * tanh(logits / 30)
-    with pytest.raises(ValueError, match="use loss.impl=chunked"):
-        DistillSystem(student, teacher, ForwardKL(impl="fused_linear"))
-    DistillSystem(student, teacher, ForwardKL(impl="chunked"))  # the chunked path uses the model's own logits
+    with pytest.raises(ValueError, match="use system.loss_impl=chunked"):
+        DistillSystem(student, teacher, ForwardKL(), loss_impl="fused_linear")
+    DistillSystem(student, teacher, ForwardKL(), loss_impl="chunked")  # the chunked path uses the model's own logits
 
 
 @pytest.mark.parametrize(

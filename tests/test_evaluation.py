@@ -14,10 +14,10 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_EVAL, make_tiny_model, run_train
-from distillprune.evaluate import flops_per_token, strided_perplexity
-from distillprune.report import plot_sweep, plot_training, plot_widths
-from distillprune.speed import generation_speed, weights_mb
-from distillprune.zeroshot import TASKS, run_zero_shot, write_tasks
+from distillprune.evaluation.metrics import flops_per_token, strided_perplexity
+from distillprune.evaluation.report import plot_sweep, plot_training, plot_widths
+from distillprune.evaluation.speed import generation_speed, weights_mb
+from distillprune.evaluation.zeroshot import TASKS, run_zero_shot, write_tasks
 
 
 @pytest.fixture()
@@ -121,7 +121,8 @@ def test_evaluate_recipe_side_by_side(tiny_model_dir: Path, tiny_tokenizer, tiny
     other = make_tiny_model(tmp_path / "other", tiny_tokenizer, seed=1, num_hidden_layers=2)
     out = tmp_path / "eval"
     run_train(
-        "recipe=evaluate", f"model={other}", f"baseline={tiny_model_dir}", f"evaluate.text.source={tiny_text_file}",
+        "recipe=evaluate", f"model.name={other}", f"baseline={tiny_model_dir}",
+        f"evaluate.text.source={tiny_text_file}",
         "evaluate.text.val_fraction=0.2", *TINY_EVAL, "evaluate.zero_shot.tasks=[kjv_cloze,shakespeare_or_bible]",
         "evaluate.zero_shot.n=6", "evaluate.zero_shot.batch_size=4", "logger.wandb.mode=offline", f"output_dir={out}",
     )  # fmt: skip
@@ -146,12 +147,12 @@ def test_evaluate_recipe_side_by_side(tiny_model_dir: Path, tiny_tokenizer, tiny
     [
         ("evaluate.zero_shot.tasks=[hellaswag]", "unknown zero-shot task(s) ['hellaswag']; packaged tasks:"),
         ("evaluate.text.stride=64", "evaluate.text.stride=64 must be in 1..context (32)"),
-        ("model=", "model is empty; give a packaged alias"),
+        ("model.name=", "model.name is empty; give a packaged alias"),
     ],
 )
 def test_evaluate_bad_input_is_one_line(tiny_model_dir: Path, tiny_text_file: Path, tmp_path, extra, message):
     done = run_train(
-        "recipe=evaluate", f"model={tiny_model_dir}", f"evaluate.text.source={tiny_text_file}",
+        "recipe=evaluate", f"model.name={tiny_model_dir}", f"evaluate.text.source={tiny_text_file}",
         "evaluate.text.val_fraction=0.2", *TINY_EVAL, "logger.wandb.mode=disabled", f"output_dir={tmp_path}", extra,
         check=False,
     )  # fmt: skip

@@ -93,8 +93,8 @@ def test_flash_attention_is_chosen_and_matches_sdpa(tiny_model_dir: Path) -> Non
 
 
 def test_fused_kd_objective_matches_dense_on_cuda_and_uses_less_memory() -> None:
-    from distillprune.kd_memory import kd_ce, kd_ce_fused_linear
     from distillprune.losses import JSD
+    from distillprune.objective import Objective
 
     torch.manual_seed(0)
     n, hidden, vocab = 4096, 576, 49152
@@ -104,15 +104,15 @@ def test_fused_kd_objective_matches_dense_on_cuda_and_uses_less_memory() -> None
     targets = torch.randint(0, vocab, (n,), device="cuda")
     peaks, grads, values = {}, {}, {}
     for impl in ("dense", "fused_linear"):
-        loss = JSD(beta=0.5, impl=impl)
+        objective = Objective(JSD(beta=0.5), impl)
         h.grad = head.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         if impl == "dense":
-            total, _, _ = kd_ce(loss, h @ head.T, th @ t_head.T, targets, 0.5)
+            total, _, _ = objective(h @ head.T, th @ t_head.T, targets, 0.5)
         else:
-            total, _, _ = kd_ce_fused_linear(loss, h, head, th, t_head, targets, 0.5)
+            total, _, _ = objective.fused_linear(h, head, th, t_head, targets, 0.5)
         total.backward()
         torch.cuda.synchronize()
         peaks[impl] = (torch.cuda.max_memory_allocated() - base) / 2**20

@@ -98,7 +98,7 @@ class _ClipProbe(DistillSystem):
 def test_clipping_under_every_precision(precision: str, tiny_model_dir: Path, tiny_text_file: Path) -> None:
     tok = load_tokenizer(str(tiny_model_dir))
     student, teacher = load_model(str(tiny_model_dir)), load_model(str(tiny_model_dir))
-    system = _ClipProbe(student, teacher, ForwardKL(impl="fused_linear"), kd_weight=0.5, lr=1e-3)
+    system = _ClipProbe(student, teacher, ForwardKL(), kd_weight=0.5, lr=1e-3, loss_impl="fused_linear")
     system.norms = []
     before = [p.detach().clone() for p in student.parameters()]
     data = TextDataModule(tok, str(tiny_text_file), seq_len=32, batch_size=2, val_batches=1, val_fraction=0.2)
@@ -181,8 +181,8 @@ def test_evaluate_recipe_in_bfloat16(tiny_model_dir: Path, tiny_text_file: Path,
     from conftest import TINY_EVAL
 
     out = tmp_path / "eval"
-    run_train("recipe=evaluate", f"model={tiny_model_dir}", f"evaluate.text.source={tiny_text_file}",
-              "evaluate.text.val_fraction=0.2", *TINY_EVAL, "dtype=bfloat16", "logger.wandb.mode=disabled",
+    run_train("recipe=evaluate", f"model.name={tiny_model_dir}", f"evaluate.text.source={tiny_text_file}",
+              "evaluate.text.val_fraction=0.2", *TINY_EVAL, "model.dtype=bfloat16", "logger.wandb.mode=disabled",
               f"output_dir={out}")  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["evaluation"]["settings"]["dtype"] == "bfloat16"

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,11 @@ def _student_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("student."): v for k, v in state.items()}
 
 
-DISTILL_RECIPES = sorted(
-    n for n in available_recipes() if OmegaConf.load(RECIPES_DIR / f"{n}.yaml")._target_.endswith("pipeline.distill")
-)
+DISTILL_RECIPES = ["logit_distill", "sft"]  # the logit-distillation runner (sft: kd_weight 0)
 END_TO_END = {
     **{name: "tests/test_recipes.py::test_recipe_end_to_end" for name in DISTILL_RECIPES},
-    "seq_distill": "tests/test_seqkd.py::test_seq_distill_end_to_end",
-    "icl_distill": "tests/test_icl.py::test_icl_distill_end_to_end",
+    "seq_distill": "tests/test_seq_distill.py::test_seq_distill_end_to_end",
+    "icl_distill": "tests/test_icl_distill.py::test_icl_distill_end_to_end",
     "prune_lora": "tests/test_prune.py::test_prune_recipe_end_to_end",
     "prune_distill": "tests/test_prune.py::test_prune_recipe_end_to_end",
     "prune_magnitude": "tests/test_prune.py::test_prune_magnitude_end_to_end",
@@ -38,11 +37,40 @@ END_TO_END = {
 }
 
 
-def test_every_recipe_has_an_end_to_end_test() -> None:
+def test_every_recipe_has_its_runner_and_an_end_to_end_test() -> None:
     assert set(available_recipes()) == set(END_TO_END), "add an end-to-end test for each new recipe"
+    for name in available_recipes():  # one runner module per recipe YAML, of the same name, entry ``run``
+        assert OmegaConf.load(RECIPES_DIR / f"{name}.yaml")._target_ == f"distillprune.recipes.{name}.run", name
     for name, test in END_TO_END.items():
         path, func = test.split("::")
         assert f"def {func}(" in (ROOT / path).read_text(), f"{name}: {test} is missing"
+
+
+def _block_keys_and_comments(text: str, block: str) -> list[tuple[str, str]]:
+    """``(key path, comment)`` for each line of the top-level ``block`` of a recipe's text."""
+    rows, path, inside = [], [], False
+    for line in text.splitlines():
+        match = re.match(r"^( *)(\w+):([^#]*)(?:#\s*(.*))?$", line)
+        if match is None:
+            continue
+        depth = len(match[1]) // 2
+        if depth == 0:
+            inside = match[2] == block
+        if inside:
+            path = [*path[:depth], match[2]]
+            rows.append((".".join(path), (match[4] or "").strip()))
+    return rows
+
+
+@pytest.mark.parametrize("block", ["trainer", "evaluate", "checkpoint", "logger"])
+def test_shared_blocks_have_the_same_keys_and_comments_in_every_recipe(block: str) -> None:
+    found = {name: _block_keys_and_comments((RECIPES_DIR / f"{name}.yaml").read_text(), block)
+             for name in available_recipes()}  # fmt: skip
+    found = {name: rows for name, rows in found.items() if rows}
+    reference = found["logit_distill"]
+    assert len(found) >= 2 and len(reference) > 2
+    for name, rows in found.items():
+        assert rows == reference, f"recipes/{name}.yaml: its {block} block differs from logit_distill's"
 
 
 @pytest.mark.parametrize("recipe", DISTILL_RECIPES)
@@ -163,7 +191,7 @@ def test_on_policy_on_plain_text_is_a_one_line_error(
 
 
 def test_wandb_mode_from_the_environment_wins_over_auto(tmp_path: Path, monkeypatch) -> None:
-    from distillprune.pipeline import build_loggers
+    from distillprune.recipes.common import build_loggers
 
     wandb = {"mode": "auto", "project": "p", "entity": None, "name": None}
     cfg = OmegaConf.create({"resume": None, "recipe": "x", "logger": {"wandb": wandb}})

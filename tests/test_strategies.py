@@ -42,9 +42,9 @@ def single(tiny_model_dir: Path, tiny_text_file: Path, tmp_path_factory: pytest.
 
 
 MULTI = {  # strategy -> the other settings it runs with (each KD implementation and teacher placement once)
-    "ddp": ["loss.impl=fused_linear", "system.teacher_on_cpu=true"],
-    "deepspeed_stage_2": ["loss.impl=chunked"],
-    "deepspeed_stage_3": ["loss.impl=chunked"],
+    "ddp": ["system.loss_impl=fused_linear", "system.teacher_on_cpu=true"],
+    "deepspeed_stage_2": ["system.loss_impl=chunked"],
+    "deepspeed_stage_3": ["system.loss_impl=chunked"],
     "fsdp": [],
 }
 
@@ -196,12 +196,12 @@ def test_bad_scale_settings_are_one_line_errors(
 
 def test_fused_linear_under_zero3_says_what_to_use(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
     args = tiny_overrides(tiny_model_dir, tiny_text_file, tmp_path)
-    done = run_train("recipe=logit_distill", *args, "trainer.strategy=deepspeed_stage_3", "loss.impl=fused_linear",
-                     check=False)  # fmt: skip
+    done = run_train("recipe=logit_distill", *args, "trainer.strategy=deepspeed_stage_3",
+                     "system.loss_impl=fused_linear", check=False)  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
-        "error: loss.impl=fused_linear needs whole lm_head weights; under trainer.strategy=deepspeed_stage_3 use "
-        "loss.impl=chunked (or deepspeed_stage_2 / ddp for fused_linear)"
+        "error: system.loss_impl=fused_linear needs whole lm_head weights; under "
+        "trainer.strategy=deepspeed_stage_3 use system.loss_impl=chunked (or deepspeed_stage_2 / ddp for fused_linear)"
     )
 
 
@@ -211,7 +211,7 @@ def test_bf16_true_gradient_checkpointing_and_fused_loss(
     out = tmp_path / "bf16"
     run_train(
         "recipe=logit_distill", *tiny_overrides(tiny_model_dir, tiny_text_file, out),
-        "trainer.precision=bf16-true", "student.gradient_checkpointing=true", "loss.impl=fused_linear",
+        "trainer.precision=bf16-true", "student.gradient_checkpointing=true", "system.loss_impl=fused_linear",
     )  # fmt: skip
     losses = _losses(out)
     assert len(losses) == 4 and all(0 < v < 20 for v in losses.values())
@@ -256,7 +256,7 @@ def test_sharded_on_policy_gkd_with_uneven_sample_lengths(
         "recipe=logit_distill", *tiny_overrides(stopper, tiny_text_file, out, steps=3),
         "data._target_=distillprune.data.ChatDataModule", f"data.source={chat_file}", "data.seq_len=64",
         "system.lmbda=1.0", "system.max_new_tokens=16", f"trainer.strategy={strategy}", "trainer.devices=2",
-        "loss.impl=chunked", "evaluate.speed.batch_sizes=[]", timeout=240,
+        "system.loss_impl=chunked", "evaluate.speed.batch_sizes=[]", timeout=240,
     )  # fmt: skip
     assert (out / "final" / "model.safetensors").is_file()
     assert "train/on_policy" in (out / "logs" / "metrics.csv").read_text()
@@ -288,7 +288,8 @@ def test_sharded_loading_of_a_pretrained_student(tiny_model_dir: Path, tiny_text
     def run(name: str, *extra: str) -> Path:
         out = tmp_path / name
         run_train("recipe=logit_distill", *tiny_overrides(tiny_model_dir, tiny_text_file, out, steps=3),
-                  "student.init=pretrained", "loss.impl=chunked", "evaluate.speed.batch_sizes=[]", *extra)  # fmt: skip
+                  "student.init=pretrained", "system.loss_impl=chunked", "evaluate.speed.batch_sizes=[]",
+                  *extra)  # fmt: skip
         return out
 
     single = run("single", "data.batch_size=4", "trainer.precision=32-true")

@@ -15,15 +15,24 @@ from distillprune.generate import GenerationStore
 
 
 def test_choices_agree_with_the_implementations() -> None:
-    from distillprune.losses import IMPLS
-    from distillprune.prune.groups import ADAPTERS
+    from distillprune.evaluation.zeroshot import TASKS
+    from distillprune.objective import Objective
+    from distillprune.prune.groups import FAMILIES
     from distillprune.prune.importance import AGGREGATIONS, METHODS
-    from distillprune.seqkd import STAGES
+    from distillprune.prune.surgery import GQA_MODES
+    from distillprune.recipes.seq_distill import STAGES
     from distillprune.strategies import ZERO
-    from distillprune.zeroshot import TASKS
 
-    assert tuple(ADAPTERS) == choices.PRUNABLE and tuple(AGGREGATIONS) == choices.AGGREGATIONS
-    assert METHODS == choices.IMPORTANCE and tuple(TASKS) == choices.ZERO_SHOT_TASKS and IMPLS == choices.LOSS_IMPLS
+    assert (
+        tuple(FAMILIES) == choices.PRUNABLE
+        and GQA_MODES == choices.GQA_MODES
+        and tuple(AGGREGATIONS) == choices.AGGREGATIONS
+    )
+    assert (
+        METHODS == choices.IMPORTANCE
+        and tuple(TASKS) == choices.ZERO_SHOT_TASKS
+        and ("auto", *Objective.IMPLS) == choices.LOSS_IMPLS
+    )
     assert ("auto", *models.DTYPES) == choices.DTYPES and STAGES == choices.SEQ_STAGES
     assert set(choices.STRATEGIES) == {"auto", "ddp", "fsdp", *ZERO}
 

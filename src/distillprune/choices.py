@@ -1,6 +1,7 @@
 """The names that named settings may take, in one light module (no torch), so that a run's first stage
-(``validate``) checks them in a fraction of a second. Each library module that implements a setting takes its
-names from here; ``tests/test_validate.py`` checks that the two agree."""
+(``validate``) checks them in a fraction of a second. A library module that implements a setting takes its names
+from here, or (``prune/``, which imports nothing of the package but ``errors``) holds its own copy;
+``tests/test_validate.py`` checks that the two agree."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ IMPORTANCE = ("random", "l1", "l2", "taylor", "taylor_vector", "taylor2", "activ
 AGGREGATIONS = ("sum", "mean", "max", "prod")
 GQA_MODES = ("kv_groups", "q_per_group")
 PRUNE_PARTS = ("heads", "channels")
-PRUNABLE = ("llama", "mistral", "qwen2")  # families with an adapter in prune.groups
+PRUNABLE = ("llama", "mistral", "qwen2")  # the families of prune.groups.FAMILIES
 SEQ_STAGES = ("generate", "train", "evaluate")
 ZERO_SHOT_TASKS = ("shakespeare_cloze", "kjv_cloze", "shakespeare_or_bible")
 WANDB_MODES = ("auto", "online", "offline", "disabled")

@@ -24,8 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from distillprune.assets import package_dir
 from distillprune.errors import UserError
+from distillprune.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 Document = tuple[str, Any]  # (id, text or row)
 
 
@@ -40,7 +40,7 @@ def load_documents(source: str, text_field: str = "text") -> list[Document]:
         return [(p.stem, p.read_text(errors="replace")) for p in sorted(texts.glob("*_gut.txt"))]
     if source == "kjv":
         chapters: dict[str, list[str]] = {}
-        for _, row in _jsonl_rows(package_dir("bible") / "data" / "kjv.jsonl"):
+        for _, row in jsonl_rows(package_dir("bible") / "data" / "kjv.jsonl"):
             chapters.setdefault(f"{row['book']} {row['chapter']}", []).append(row["text"])
         return [(cid, " ".join(verses)) for cid, verses in chapters.items()]
     path = Path(source).expanduser()
@@ -56,7 +56,7 @@ def load_documents(source: str, text_field: str = "text") -> list[Document]:
             paragraphs = [p.strip() for p in path.read_text(errors="replace").split("\n\n")]
             return [(f"{path.name}:{i}", p) for i, p in enumerate(paragraphs) if p]
         if path.suffix in (".jsonl", ".json"):
-            return [(f"{path.name}:{n}", row) for n, row in _jsonl_rows(path)]
+            return [(f"{path.name}:{n}", row) for n, row in jsonl_rows(path)]
         if path.suffix == ".parquet":
             rows = Dataset.from_parquet(str(path))
             return [(f"{path.name}:{i}", row) for i, row in enumerate(rows)]
@@ -98,7 +98,8 @@ def write_splits(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Path]
     return paths
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-empty line of a JSON-lines file; a bad line is a one-line error."""
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -270,7 +271,7 @@ class ResumableSampler(Sampler[int]):
         return self.n // self.world
 
 
-class _BlocksDataModule(L.LightningDataModule):
+class BlocksDataModule(L.LightningDataModule):
     """Shared loading: documents -> split -> encoded train/val datasets -> resumable loaders."""
 
     def __init__(
@@ -375,14 +376,14 @@ class _StepTokens(torch.utils.data.Dataset):
         return {**self.ds[index], "step_tokens": step_tokens}
 
 
-class TextDataModule(_BlocksDataModule):
+class TextDataModule(BlocksDataModule):
     """Plain text packed into ``seq_len``-token blocks; every token is a target."""
 
     def encode(self, docs: list[Document]) -> Dataset:
         return pack([document_text(d, self.text_field) for d in docs], self.tokenizer, self.seq_len)
 
 
-class ChatDataModule(_BlocksDataModule):
+class ChatDataModule(BlocksDataModule):
     """Instruction/chat rows through the tokenizer's chat template; only assistant tokens are targets."""
 
     def encode(self, docs: list[Document]) -> Dataset:

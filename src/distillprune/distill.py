@@ -12,7 +12,6 @@ import time
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch import Tensor
@@ -22,8 +21,8 @@ from distillprune.data import collate
 from distillprune.errors import UserError
 from distillprune.generate import generate, stop_ids
 from distillprune.hardware import cpu_has_fast_bf16
-from distillprune.kd_memory import kd_ce, kd_ce_fused_linear
-from distillprune.losses import IGNORE_INDEX, Divergence, ForwardKL
+from distillprune.losses import IGNORE_INDEX, Divergence
+from distillprune.objective import Objective, shifted, token_nll
 from distillprune.sharded import fill_shards
 from distillprune.strategies import adamw, fsdp2_policy, shard_fsdp2
 
@@ -53,20 +52,6 @@ def _scaled_logits(model: PreTrainedModel | None) -> bool:
     )
 
 
-def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Align position t's logits with token t+1: ``[B, T, V], [B, T] -> [B, T-1, V], [B, T-1]``."""
-    return logits[:, :-1], labels[:, 1:]
-
-
-def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token negative log-likelihood and the number of target tokens (for exact perplexity)."""
-    logits, labels = shifted(logits, labels)
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return nll, (labels != IGNORE_INDEX).sum()
-
-
 class DistillSystem(L.LightningModule):
     """Teacher -> student logit distillation with AdamW, linear warmup and cosine decay.
 
@@ -84,8 +69,9 @@ class DistillSystem(L.LightningModule):
         teacher_on_cpu: keep the teacher in CPU memory outside the strategy (each rank runs it there) instead of
             on the device; by default it follows the strategy: replicated under DDP and ZeRO 1/2, sharded for
             inference (no gradients, no optimizer state) under ZeRO-3 and FSDP.
-
-    ``loss.impl`` picks how CE + KD is computed (``distillprune.kd_memory``): dense, chunked or fused_linear.
+        loss_impl, chunk_size: how CE + KD is computed (``distillprune.objective``): dense, chunked or
+            fused_linear (the runner resolves the recipes' ``auto``), and the rows per chunk (0: automatic).
+        vocab_size: the vocabulary the KD term compares, when the two heads differ only by padding rows.
     """
 
     def __init__(
@@ -104,6 +90,9 @@ class DistillSystem(L.LightningModule):
         sample_temperature: float = 1.0,
         seed: int = 1234,
         teacher_on_cpu: bool = False,
+        loss_impl: str = "dense",
+        chunk_size: int = 0,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= kd_weight <= 1.0:
@@ -116,11 +105,11 @@ class DistillSystem(L.LightningModule):
         self.teacher = frozen(teacher) if teacher is not None and not teacher_on_cpu else None
         # a list hides a CPU teacher from the module tree, so no strategy moves, wraps or shards it
         self._cpu_teacher = [_cpu_copy(frozen(teacher))] if teacher is not None and teacher_on_cpu else []
-        self.kd_loss = loss if loss is not None else ForwardKL()  # CE-only training uses only its impl
-        if self.kd_loss.impl == "fused_linear" and any(_scaled_logits(m) for m in (student, teacher)):
+        self.objective = Objective(loss, loss_impl, chunk_size, vocab_size)  # the divergence is None for CE-only
+        if loss_impl == "fused_linear" and any(_scaled_logits(m) for m in (student, teacher)):
             raise ValueError(
-                "loss.impl=fused_linear computes logits as hidden states @ lm_head and would skip this model's "
-                "logit soft-capping / logit_scale; use loss.impl=chunked"
+                "system.loss_impl=fused_linear computes logits as hidden states @ lm_head and would skip this "
+                "model's logit soft-capping / logit_scale; use system.loss_impl=chunked"
             )
         self.kd_weight = kd_weight
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
@@ -223,7 +212,7 @@ class DistillSystem(L.LightningModule):
             batch = self._student_samples(batch)
         kd_weight = 1.0 if on_policy else self.kd_weight  # the student's own samples are no ground truth (GKD)
         teacher = self._teacher() if kd_weight > 0 else None
-        fused = self.kd_loss.impl == "fused_linear"
+        fused = self.objective.impl == "fused_linear"
         student_out, labels = shifted(self._run(self.student, batch, "", fused), batch["labels"])  # [B, T-1, V|H]
         keep = labels != IGNORE_INDEX
         s_sel, targets = student_out[keep], labels[keep]  # [N, V|H], [N]
@@ -240,9 +229,9 @@ class DistillSystem(L.LightningModule):
             heads = [m.get_output_embeddings().weight if m is not None else None for m in (self.student, teacher)]
             if heads[1] is not None:
                 heads[1] = heads[1].to(s_sel.device)
-            total, ce, kd = kd_ce_fused_linear(self.kd_loss, s_sel, heads[0], t_sel, heads[1], targets, kd_weight)
+            total, ce, kd = self.objective.fused_linear(s_sel, heads[0], t_sel, heads[1], targets, kd_weight)
         else:
-            total, ce, kd = kd_ce(self.kd_loss, s_sel, t_sel, targets, kd_weight)
+            total, ce, kd = self.objective(s_sel, t_sel, targets, kd_weight)
         parts = {"ce": ce} | ({"kd": kd} if teacher is not None else {})
         if self.lmbda > 0:
             parts["on_policy"] = torch.tensor(float(on_policy))

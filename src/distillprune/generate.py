@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.data import chat_ids
 from distillprune.errors import UserError
+from distillprune.models import eval_mode
 from distillprune.ranks import barrier, rank_and_world, shard
 
 log = logging.getLogger(__name__)
@@ -67,21 +68,19 @@ def generate(
     if seed is not None:
         torch.manual_seed(seed)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        use_cache=use_cache,
-        eos_token_id=stops,
-        pad_token_id=pad_id,
-        top_k=None,
-        synced_gpus=synced_gpus,
-        **sampling,
-    )  # [B, T + new]
-    model.train(was_training)
+    with eval_mode(model):
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            use_cache=use_cache,
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+            top_k=None,
+            synced_gpus=synced_gpus,
+            **sampling,
+        )  # [B, T + new]
     responses = []
     for row in out[:, width:].tolist():
         end = next((i for i, t in enumerate(row) if t in stops), None)

@@ -14,41 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillprune.choices import LOSS_IMPLS
-
-IGNORE_INDEX = -100
-IMPLS = LOSS_IMPLS
+IGNORE_INDEX = -100  # the label of a position that no loss counts (prompts, padding, demonstrations)
 
 
 class Divergence(nn.Module):
-    """Base class: temperature, position selection and vocabulary alignment; subclasses define ``divergence``.
+    """Base class: temperature and position selection; subclasses define ``divergence``. How the training system
+    computes it with CE, and on which vocabulary, is the objective's business (``distillprune.objective``).
 
     Args:
         temperature: softens both distributions; the loss is multiplied by its square.
-        vocab_size: the real vocabulary shared by teacher and student. When set, logits are cut to it, so rows
-            that one model only carries as padding (e.g. 49152 vs 49216) never enter the loss.
-        impl: how the training system computes CE + KD (``distillprune.kd_memory``): ``auto`` (the recipes'
-            default: ``fused_linear``, or ``chunked`` under ZeRO-3 / FSDP), ``dense`` (full [N, V]
-            logits of both models in float32), ``chunked`` (from the logits, ``chunk_size`` rows of float32 at a
-            time) or ``fused_linear`` (logits computed chunk by chunk from the last hidden states and the lm_head
-            weights, never [N, V] at all). All three give the same value and gradient.
-        chunk_size: rows per chunk for the chunked paths; 0 sizes chunks to about 32 MiB of float32 logits
-            (at least 128 rows).
     """
 
-    def __init__(
-        self, temperature: float = 1.0, vocab_size: int | None = None, impl: str = "dense", chunk_size: int = 0
-    ) -> None:
+    def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl '{impl}' is unknown; choose {', '.join(IMPLS)}")
-        if chunk_size < 0:
-            raise ValueError(f"chunk_size must be >= 0 (0: automatic), got {chunk_size}")
         self.temperature = temperature
-        self.vocab_size = vocab_size
-        self.impl, self.chunk_size = impl, chunk_size
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         s, t = self._select(student_logits, teacher_logits, labels)  # [N, V], [N, V]
@@ -65,12 +46,10 @@ class Divergence(nn.Module):
         raise NotImplementedError
 
     def _select(self, s: Tensor, t: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
-        if self.vocab_size is not None:
-            s, t = s[..., : self.vocab_size], t[..., : self.vocab_size]
         if s.shape[-1] != t.shape[-1]:
             raise ValueError(
-                f"student vocab ({s.shape[-1]}) and teacher vocab ({t.shape[-1]}) differ; set vocab_size to the "
-                "shared tokenizer size if one of them only has padding rows"
+                f"student vocab ({s.shape[-1]}) and teacher vocab ({t.shape[-1]}) differ; cut both to the shared "
+                "tokenizer size first (Objective(vocab_size=...)) if one of them only has padding rows"
             )
         s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
         if labels is not None:
@@ -109,11 +88,8 @@ class JSD(Divergence):
         self,
         beta: float = 0.5,
         temperature: float = 1.0,
-        vocab_size: int | None = None,
-        impl: str = "dense",
-        chunk_size: int = 0,
     ) -> None:
-        super().__init__(temperature, vocab_size, impl, chunk_size)
+        super().__init__(temperature)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"JSD beta must be in [0, 1], got {beta}")
         self.beta = beta
@@ -135,11 +111,8 @@ class SkewKL(Divergence):
         self,
         alpha: float = 0.1,
         temperature: float = 1.0,
-        vocab_size: int | None = None,
-        impl: str = "dense",
-        chunk_size: int = 0,
     ) -> None:
-        super().__init__(temperature, vocab_size, impl, chunk_size)
+        super().__init__(temperature)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"SkewKL alpha must be in [0, 1), got {alpha}")
         self.alpha = alpha

@@ -7,10 +7,12 @@ checked logit for logit against the GGUF load, and loaded from there afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,17 @@ def resolve(name: str) -> str:
     raise UserError(
         f"unknown model '{name}': not a packaged alias ({', '.join(ALIASES)}), a local folder, or a hub id (org/name)"
     )
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode inside the block, back in the mode it had after it (training or not)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

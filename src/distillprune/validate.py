@@ -93,7 +93,7 @@ RANGES: dict[str, tuple[Check, str]] = {
     "system.max_new_tokens": COUNT,
     "system.sample_temperature": POSITIVE,
     "loss.temperature": POSITIVE,
-    "loss.chunk_size": _int(0),
+    "system.chunk_size": _int(0),
     "loss.beta": FRACTION,
     "loss.alpha": _num(0, 1, hi_open=True),
     "generate.max_new_tokens": COUNT,
@@ -133,10 +133,10 @@ LISTS: dict[str, tuple[Check, str]] = {"evaluate.speed.batch_sizes": COUNT, "pru
 
 def _choices() -> dict[str, tuple[str, ...]]:
     return {
-        "trainer.precision": PRECISIONS, "loss.impl": LOSS_IMPLS, "student.init": STUDENT_INIT,
-        "teacher.dtype": DTYPES, "student.dtype": DTYPES, "model.dtype": DTYPES, "dtype": DTYPES,
+        "trainer.precision": PRECISIONS, "system.loss_impl": LOSS_IMPLS, "student.init": STUDENT_INIT,
+        "teacher.dtype": DTYPES, "student.dtype": DTYPES, "model.dtype": DTYPES,
         "teacher.attn_implementation": ATTENTION, "student.attn_implementation": ATTENTION,
-        "model.attn_implementation": ATTENTION, "attn_implementation": ATTENTION,
+        "model.attn_implementation": ATTENTION,
         "prune.importance": IMPORTANCE, "prune.aggregation": AGGREGATIONS, "prune.gqa": GQA_MODES,
         "logger.wandb.mode": WANDB_MODES,
     }  # fmt: skip
@@ -276,8 +276,8 @@ def check_models(cfg: DictConfig) -> None:
     """Model names resolve, and what the configs can tell is consistent: layer indices, head groups, the
     pruning family, and one tokenizer shared by teacher and student."""
     names = {key: OmegaConf.select(cfg, key, default=None) for key in ("teacher.name", "student.name", "model.name")}
-    if isinstance(cfg.get("model"), str) or cfg.get("baseline"):
-        names |= {"model": cfg.get("model"), "baseline": cfg.get("baseline")}
+    if cfg.get("baseline"):
+        names["baseline"] = cfg.get("baseline")
     for key, name in names.items():
         if name is not None and not (isinstance(name, str) and name.strip()):
             raise UserError(f"{key} is empty; give a packaged alias, a local model folder or a hub id")

@@ -1,4 +1,5 @@
-"""Coupled structures of a decoder layer, declared per architecture (no graph tracing).
+"""The pruning families, one entry each in ``FAMILIES``, and the coupled structures of a decoder layer that they
+declare (no graph tracing).
 
 An attention head is its ``head_dim`` rows of q_proj (and, for a KV head, of k_proj and v_proj, biases included)
 and its ``head_dim`` input columns of o_proj. An MLP channel is a row of gate_proj and up_proj and a column of
@@ -10,15 +11,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from distillprune.errors import UserError
 
 
 @dataclass(frozen=True)
-class Adapter:
-    """Where a family keeps its decoder layers and projections (Llama, Mistral and Qwen2 share the names)."""
+class Family:
+    """What pruning needs of one architecture: its Hugging Face config and model classes (the per-layer pruned
+    type subclasses them, ``modeling``) and where it keeps its decoder layers and projections (Llama, Mistral
+    and Qwen2 share the names)."""
 
+    config: type[PretrainedConfig]
+    model: type[PreTrainedModel]
     layers: str = "model.layers"
     attn: str = "self_attn"
     q: str = "q_proj"
@@ -31,7 +45,12 @@ class Adapter:
     down: str = "down_proj"
 
 
-ADAPTERS = {"llama": Adapter(), "mistral": Adapter(), "qwen2": Adapter()}
+# a new architecture is one entry here (and its name in ``choices.PRUNABLE``, which validation reads torch-free)
+FAMILIES = {
+    "llama": Family(LlamaConfig, LlamaForCausalLM),
+    "mistral": Family(MistralConfig, MistralForCausalLM),
+    "qwen2": Family(Qwen2Config, Qwen2ForCausalLM),
+}
 
 
 @dataclass
@@ -51,17 +70,25 @@ def base_type(model: PreTrainedModel) -> str:
     return getattr(model.config, "base_model_type", model.config.model_type)
 
 
-def adapter_for(model: PreTrainedModel) -> Adapter:
-    """The adapter of the model's family, or a one-line error naming the supported ones."""
+def family_of(model: PreTrainedModel) -> Family:
+    """The model's pruning family, or a one-line error naming the supported ones."""
     kind = base_type(model)
-    if kind not in ADAPTERS:
-        raise UserError(f"pruning supports {', '.join(sorted(ADAPTERS))}; '{kind}' has no adapter")
-    return ADAPTERS[kind]
+    if kind not in FAMILIES:
+        raise UserError(f"pruning supports {', '.join(sorted(FAMILIES))}; '{kind}' has no adapter")
+    return FAMILIES[kind]
 
 
-def decoder_layers(model: PreTrainedModel, adapter: Adapter) -> nn.ModuleList:
+def decoder_layers(model: PreTrainedModel, family: Family) -> nn.ModuleList:
     """The model's decoder layers."""
-    return model.get_submodule(adapter.layers)
+    return model.get_submodule(family.layers)
+
+
+def projections(layer: nn.Module, family: Family) -> list[nn.Linear]:
+    """A decoder layer's seven projections: q, k, v, o, then gate, up, down."""
+    attn, mlp = layer.get_submodule(family.attn), layer.get_submodule(family.mlp)
+    return [attn.get_submodule(n) for n in (family.q, family.k, family.v, family.o)] + [
+        mlp.get_submodule(n) for n in (family.gate, family.up, family.down)
+    ]
 
 
 def head_dim(model: PreTrainedModel) -> int:
@@ -71,7 +98,7 @@ def head_dim(model: PreTrainedModel) -> int:
 
 def layer_widths(model: PreTrainedModel) -> list[Widths]:
     """Current widths of every layer, read from the weights (per-layer pruned models included)."""
-    adapter, hd = adapter_for(model), head_dim(model)
+    adapter, hd = family_of(model), head_dim(model)
     out = []
     for layer in decoder_layers(model, adapter):
         attn, mlp = layer.get_submodule(adapter.attn), layer.get_submodule(adapter.mlp)

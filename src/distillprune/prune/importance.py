@@ -19,11 +19,10 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from distillprune.choices import IMPORTANCE
 from distillprune.errors import UserError
-from distillprune.prune.groups import adapter_for, decoder_layers, head_dim
+from distillprune.prune.groups import decoder_layers, family_of, head_dim, projections
 
-METHODS = IMPORTANCE
+METHODS = ("random", "l1", "l2", "taylor", "taylor_vector", "taylor2", "activation")  # = choices.IMPORTANCE
 AGGREGATIONS = {"sum": torch.sum, "mean": torch.mean, "max": lambda t, dim: t.max(dim=dim).values, "prod": torch.prod}
 
 
@@ -48,9 +47,9 @@ def score(
         raise UserError(f"prune.importance '{method}' is unknown; choose {', '.join(METHODS)}")
     if aggregation not in AGGREGATIONS:
         raise UserError(f"prune.aggregation '{aggregation}' is unknown; choose {', '.join(AGGREGATIONS)}")
-    adapter = adapter_for(model)
+    adapter = family_of(model)
     blocks = decoder_layers(model, adapter)
-    params = {i: _projections(blocks[i], adapter) for i in layers}
+    params = {i: projections(blocks[i], adapter) for i in layers}
     fisher: dict[int, list[Tensor] | None] = {}
     activations: dict[int, list[Tensor]] = {}
     if method == "activation":
@@ -65,13 +64,6 @@ def score(
     if model.device.type == "cuda":
         return out, torch.cuda.max_memory_allocated(model.device) / 2**20
     return out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _projections(layer: torch.nn.Module, adapter) -> list[torch.nn.Linear]:
-    attn, mlp = layer.get_submodule(adapter.attn), layer.get_submodule(adapter.mlp)
-    return [attn.get_submodule(n) for n in (adapter.q, adapter.k, adapter.v, adapter.o)] + [
-        mlp.get_submodule(n) for n in (adapter.gate, adapter.up, adapter.down)
-    ]
 
 
 def _gradients(model, params, batches, squared: bool) -> dict[int, list[Tensor]]:

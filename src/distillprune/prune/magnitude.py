@@ -12,16 +12,15 @@ from torch.nn.utils import prune as torch_prune
 from transformers import PreTrainedModel
 
 from distillprune.errors import UserError
-from distillprune.prune.groups import adapter_for, decoder_layers
-from distillprune.prune.importance import _projections
+from distillprune.prune.groups import decoder_layers, family_of, projections
 
 
 def magnitude_prune(model: PreTrainedModel, sparsity: float, layers: list[int]) -> float:
     """Mask the globally smallest-magnitude weights of ``layers``; returns the sparsity reached there."""
     check_sparsity(sparsity)
-    adapter = adapter_for(model)
+    adapter = family_of(model)
     blocks = decoder_layers(model, adapter)
-    linears = [lin for i in layers for lin in _projections(blocks[i], adapter)]
+    linears = [lin for i in layers for lin in projections(blocks[i], adapter)]
     magnitudes = torch.cat([lin.weight.detach().abs().flatten().float() for lin in linears])  # [all weights]
     k = int(sparsity * magnitudes.numel())
     threshold = torch.kthvalue(magnitudes, k).values if k > 0 else torch.tensor(-1.0)
@@ -48,7 +47,7 @@ def finalize(model: PreTrainedModel) -> None:
 
 def sparsity_of(model: PreTrainedModel, layers: list[int]) -> float:
     """Share of exact zeros in the projections of ``layers``."""
-    adapter = adapter_for(model)
+    adapter = family_of(model)
     blocks = decoder_layers(model, adapter)
-    weights = [lin.weight for i in layers for lin in _projections(blocks[i], adapter)]
+    weights = [lin.weight for i in layers for lin in projections(blocks[i], adapter)]
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)

@@ -8,27 +8,14 @@ builds every layer at its width and then loads the safetensors weights as usual.
 from __future__ import annotations
 
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from distillprune.prune.groups import ADAPTERS, Widths, adapter_for, decoder_layers, head_dim
-
-PRUNED_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {}
+from distillprune.prune.groups import FAMILIES, Family, Widths, decoder_layers, family_of, head_dim
 
 
 def resize_layers(model: PreTrainedModel, widths: list[Widths]) -> None:
     """Give every decoder layer fresh projections of the given widths (weights to be loaded or copied in)."""
-    adapter, hd = adapter_for(model), head_dim(model)
+    adapter, hd = family_of(model), head_dim(model)
     for layer, w in zip(decoder_layers(model, adapter), widths, strict=True):
         attn, mlp = layer.get_submodule(adapter.attn), layer.get_submodule(adapter.mlp)
         for name, rows in ((adapter.q, w.heads * hd), (adapter.k, w.kv_heads * hd), (adapter.v, w.kv_heads * hd)):
@@ -51,26 +38,26 @@ def _like(linear: nn.Linear, in_features: int | None = None, out_features: int |
     )
 
 
-def _register(family: str, config_cls: type[PretrainedConfig], model_cls: type[PreTrainedModel]) -> None:
-    name = f"Distillprune{model_cls.__name__}"
+def pruned_classes(family: Family) -> tuple[type[PretrainedConfig], type[PreTrainedModel]]:
+    """The registered config and model classes of ``family`` with per-layer widths."""
+    return _PRUNED[family.model]
 
-    config = type(f"Distillprune{config_cls.__name__}", (config_cls,), {"model_type": f"distillprune_{family}"})
+
+def _register(name: str, family: Family) -> None:
+    config_cls, model_cls = family.config, family.model
+    config = type(f"Distillprune{config_cls.__name__}", (config_cls,), {"model_type": f"distillprune_{name}"})
 
     def __init__(self: PreTrainedModel, cfg: PretrainedConfig) -> None:
         model_cls.__init__(self, cfg)
         resize_layers(self, [Widths(**w) for w in cfg.layer_widths])
         self.post_init()
 
-    model = type(name, (model_cls,), {"config_class": config, "__init__": __init__})
+    model = type(f"Distillprune{model_cls.__name__}", (model_cls,), {"config_class": config, "__init__": __init__})
     AutoConfig.register(config.model_type, config, exist_ok=True)
     AutoModelForCausalLM.register(config, model, exist_ok=True)
-    PRUNED_CLASSES[family] = (config, model)
+    _PRUNED[model_cls] = (config, model)
 
 
-for _family, _classes in {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-}.items():
-    assert _family in ADAPTERS
-    _register(_family, *_classes)
+_PRUNED: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {}
+for _name, _family in FAMILIES.items():
+    _register(_name, _family)

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from distillprune.choices import GQA_MODES
 from distillprune.errors import UserError
-from distillprune.prune.groups import Widths, adapter_for, base_type, decoder_layers, head_dim, layer_widths
+from distillprune.prune.groups import FAMILIES, Widths, base_type, decoder_layers, family_of, head_dim, layer_widths
 from distillprune.prune.importance import LayerScores
-from distillprune.prune.modeling import PRUNED_CLASSES
+from distillprune.prune.modeling import pruned_classes
+
+GQA_MODES = ("kv_groups", "q_per_group")  # = choices.GQA_MODES (validation reads those, torch-free)
 
 
 @dataclass
@@ -109,7 +110,7 @@ def select(
 
 def apply(model: PreTrainedModel, keep: dict[int, dict[str, list[int]]]) -> PreTrainedModel:
     """Slice the kept structures into smaller Linear layers and rewrite the config (stock or per-layer)."""
-    adapter, hd = adapter_for(model), head_dim(model)
+    adapter, hd = family_of(model), head_dim(model)
     blocks = decoder_layers(model, adapter)
     for i, k in keep.items():
         attn, mlp = blocks[i].get_submodule(adapter.attn), blocks[i].get_submodule(adapter.mlp)
@@ -138,7 +139,7 @@ def _rewrite_config(model: PreTrainedModel, hd: int) -> None:
         cfg.intermediate_size = widths[0].intermediate
         return
     family = base_type(model)
-    config_cls, model_cls = PRUNED_CLASSES[family]
+    config_cls, model_cls = pruned_classes(FAMILIES[family])
     data = cfg.to_dict()
     data.update(model_type=config_cls.model_type, base_model_type=family, layer_widths=[w.as_dict() for w in widths])
     data["architectures"] = [model_cls.__name__]

@@ -9,25 +9,24 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from distillprune.data import IGNORE_INDEX
-from distillprune.distill import token_nll
 from distillprune.errors import UserError
+from distillprune.losses import IGNORE_INDEX
+from distillprune.models import eval_mode
+from distillprune.objective import token_nll
 
 
 @torch.no_grad()
 def perplexity(model: PreTrainedModel, loader: DataLoader) -> dict[str, float]:
     """Mean next-token loss over every target token of ``loader`` and its exponent, in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    for batch in loader:
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
-        nll, n = token_nll(logits, batch["labels"].to(device))
-        total += nll.double().cpu()
-        count += int(n)
-    model.train(was_training)
+    with eval_mode(model):
+        device = next(model.parameters()).device
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        for batch in loader:
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+            nll, n = token_nll(logits, batch["labels"].to(device))
+            total += nll.double().cpu()
+            count += int(n)
     loss = total.item() / max(count, 1)
     return {"val_loss": round(loss, 4), "val_ppl": round(math.exp(min(loss, 50.0)), 2), "tokens": count}
 
@@ -43,31 +42,29 @@ def strided_perplexity(model: PreTrainedModel, ids: torch.Tensor, context: int, 
         raise UserError(f"evaluate.text.stride={stride} must be in 1..context ({context})")
     if ids.numel() < 2:
         raise UserError("evaluate.text: the held-out text is shorter than 2 tokens")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    ids = ids.reshape(-1)
-    total, count, start = torch.zeros((), dtype=torch.float64), 0, 0
-    while True:
-        end = min(start + context, ids.numel())
-        window = ids[start:end].unsqueeze(0).to(device)  # [1, W]
-        labels = window.clone()
-        if start > 0:
-            labels[:, : context - stride] = IGNORE_INDEX  # already scored by the window before
-        nll, n = token_nll(model(input_ids=window).logits, labels)  # logits: [1, W, V]
-        total += nll.double().cpu()
-        count += int(n)
-        if end == ids.numel():
-            break
-        start += stride
-    model.train(was_training)
+    with eval_mode(model):
+        device = next(model.parameters()).device
+        ids = ids.reshape(-1)
+        total, count, start = torch.zeros((), dtype=torch.float64), 0, 0
+        while True:
+            end = min(start + context, ids.numel())
+            window = ids[start:end].unsqueeze(0).to(device)  # [1, W]
+            labels = window.clone()
+            if start > 0:
+                labels[:, : context - stride] = IGNORE_INDEX  # already scored by the window before
+            nll, n = token_nll(model(input_ids=window).logits, labels)  # logits: [1, W, V]
+            total += nll.double().cpu()
+            count += int(n)
+            if end == ids.numel():
+                break
+            start += stride
     loss = total.item() / max(count, 1)
     return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50.0)), 3), "tokens": count}
 
 
 def count_params(model: torch.nn.Module) -> int:
-    """Parameters of a model, a tied embedding counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of a model, a tied embedding counted once; whole sizes of ZeRO-3 partitions and meta tensors."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def flops_per_token(model: PreTrainedModel, context: int) -> int:

@@ -21,14 +21,14 @@ from distillprune.choices import SEQ_STAGES
 from distillprune.config import instantiate
 from distillprune.data import split_documents, write_splits
 from distillprune.errors import UserError
-from distillprune.evaluate import rouge_l, token_match
-from distillprune.evaluation import evaluate_stage
+from distillprune.evaluation.metrics import rouge_l, token_match
+from distillprune.evaluation.suite import evaluate_stage
 from distillprune.generate import PromptRow, batches, chat_prompt, generate, stop_ids, teacher_responses
 from distillprune.hardware import run_device
 from distillprune.models import export, load_model, load_student, load_tokenizer
-from distillprune.pipeline import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
 from distillprune.prompts import load_prompts
 from distillprune.ranks import rank_and_world
+from distillprune.recipes.common import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
 
 log = logging.getLogger(__name__)
 STAGES = SEQ_STAGES

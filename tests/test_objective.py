@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillprune.kd_memory import kd_ce, kd_ce_fused_linear
 from distillprune.losses import IGNORE_INDEX, JSD, TVD, ForwardKL, ReverseKL, SkewKL
+from distillprune.objective import Objective
 
 DIVERGENCES = {
     "forward_kl": lambda **kw: ForwardKL(**kw),
@@ -30,8 +30,8 @@ def _problem(seed: int = 0, n: int = 13, h: int = 16, v: int = 41, t_pad: int = 
 
 def _dense_reference(make, temperature, kd_weight, hidden, head, t_hidden, t_head, targets, vocab_size=None):
     hidden, head = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
-    loss = make(temperature=temperature, vocab_size=vocab_size)
-    total, ce, kd = kd_ce(loss, hidden @ head.T, t_hidden @ t_head.T, targets, kd_weight)
+    objective = Objective(make(temperature=temperature), "dense", vocab_size=vocab_size)
+    total, ce, kd = objective(hidden @ head.T, t_hidden @ t_head.T, targets, kd_weight)
     total.backward()
     return total.detach(), ce, kd, hidden.grad, head.grad
 
@@ -47,16 +47,16 @@ def test_chunked_and_fused_equal_dense(name: str, temperature: float, chunk: int
 
     # chunked: from logits (gradient reaches hidden and head through the logits matmul)
     h, w = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
-    loss = make(temperature=temperature, impl="chunked", chunk_size=chunk)
-    total, ce, kd = kd_ce(loss, h @ w.T, t_hidden @ t_head.T, targets, 0.6)
+    objective = Objective(make(temperature=temperature), "chunked", chunk_size=chunk)
+    total, ce, kd = objective(h @ w.T, t_hidden @ t_head.T, targets, 0.6)
     total.backward()
     for got, want in ((total, ref_total), (ce, ref_ce), (kd, ref_kd), (h.grad, ref_gh), (w.grad, ref_gw)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
     # fused linear: from hidden states and head weights
     h, w = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
-    loss = make(temperature=temperature, impl="fused_linear", chunk_size=chunk)
-    total, ce, kd = kd_ce_fused_linear(loss, h, w, t_hidden, t_head, targets, 0.6)
+    objective = Objective(make(temperature=temperature), "fused_linear", chunk_size=chunk)
+    total, ce, kd = objective.fused_linear(h, w, t_hidden, t_head, targets, 0.6)
     (2.0 * total).backward()  # an outer factor reaches the gradients
     for got, want in ((total, ref_total), (ce, ref_ce), (kd, ref_kd)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -72,10 +72,10 @@ def test_ignored_positions_selected_as_the_system_does() -> None:
     dense = ForwardKL(temperature=1.5)
     s, t = (hidden @ head.T)[keep], (t_hidden @ t_head.T)[keep]
     want = dense(hidden @ head.T, t_hidden @ t_head.T, labels)  # the dense loss's own masking
-    _, _, kd = kd_ce(ForwardKL(temperature=1.5, impl="chunked", chunk_size=2), s, t, labels[keep], 1.0)
+    _, _, kd = Objective(ForwardKL(temperature=1.5), "chunked", chunk_size=2)(s, t, labels[keep], 1.0)
     torch.testing.assert_close(kd, want.detach())
-    fused = ForwardKL(temperature=1.5, impl="fused_linear", chunk_size=3)
-    _, _, kd = kd_ce_fused_linear(fused, hidden[keep], head, t_hidden[keep], t_head, labels[keep], 1.0)
+    fused = Objective(ForwardKL(temperature=1.5), "fused_linear", chunk_size=3)
+    _, _, kd = fused.fused_linear(hidden[keep], head, t_hidden[keep], t_head, labels[keep], 1.0)
     torch.testing.assert_close(kd, want.detach())
 
 
@@ -88,8 +88,8 @@ def test_padded_teacher_vocab_and_ce_only(name: str, temperature: float, shared:
     hidden, head, t_hidden, t_head, targets = _problem(t_pad=7)  # teacher head has 7 padding rows
     ref = _dense_reference(DIVERGENCES[name], temperature, 0.5, hidden, head, t_hidden, t_head, targets, shared)
     h, w = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
-    loss = DIVERGENCES[name](temperature=temperature, vocab_size=shared, impl="fused_linear", chunk_size=5)
-    total, _, _ = kd_ce_fused_linear(loss, h, w, t_hidden, t_head, targets, 0.5)
+    objective = Objective(DIVERGENCES[name](temperature=temperature), "fused_linear", chunk_size=5, vocab_size=shared)
+    total, _, _ = objective.fused_linear(h, w, t_hidden, t_head, targets, 0.5)
     total.backward()
     torch.testing.assert_close(total.detach(), ref[0])
     torch.testing.assert_close(h.grad, ref[3], rtol=1e-5, atol=1e-6)
@@ -97,7 +97,7 @@ def test_padded_teacher_vocab_and_ce_only(name: str, temperature: float, shared:
 
     # no teacher: plain CE, chunked and fused, equals torch's cross entropy
     h = hidden.clone().requires_grad_(True)
-    total, ce, kd = kd_ce_fused_linear(ForwardKL(impl="fused_linear"), h, head, None, None, targets, 0.0)
+    total, ce, kd = Objective(None, "fused_linear").fused_linear(h, head, None, None, targets, 0.0)  # no divergence
     total.backward()
     h64 = hidden.double().requires_grad_(True)
     want = torch.nn.functional.cross_entropy(h64 @ head.double().T, targets)
@@ -110,7 +110,9 @@ def test_bf16_fused_stays_close_to_dense() -> None:
     hidden, head, t_hidden, t_head, targets = (x.to(torch.bfloat16) if x.is_floating_point() else x for x in _problem())
     ref = _dense_reference(DIVERGENCES["forward_kl"], 1.0, 0.5, hidden, head, t_hidden, t_head, targets)
     h, w = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
-    total, _, _ = kd_ce_fused_linear(ForwardKL(impl="fused_linear", chunk_size=4), h, w, t_hidden, t_head, targets, 0.5)
+    total, _, _ = Objective(ForwardKL(), "fused_linear", chunk_size=4).fused_linear(
+        h, w, t_hidden, t_head, targets, 0.5
+    )
     total.backward()
     assert h.grad.dtype == w.grad.dtype == torch.bfloat16
     torch.testing.assert_close(total.detach(), ref[0], rtol=1e-3, atol=1e-3)
@@ -121,11 +123,11 @@ def test_bf16_fused_stays_close_to_dense() -> None:
 def test_empty_selection_keeps_the_graph() -> None:
     h = torch.randn(0, 8, requires_grad=True)
     w = torch.randn(10, 8, requires_grad=True)
-    total, _, _ = kd_ce_fused_linear(ForwardKL(impl="fused_linear"), h, w, torch.randn(0, 8), w, torch.zeros(0), 0.5)
+    total, _, _ = Objective(ForwardKL(), "fused_linear").fused_linear(h, w, torch.randn(0, 8), w, torch.zeros(0), 0.5)
     total.backward()
     assert total.item() == 0.0 and w.grad.abs().sum() == 0
 
 
 def test_bad_impl_is_an_error() -> None:
-    with pytest.raises(ValueError, match="impl 'fast' is unknown; choose auto, dense, chunked, fused_linear"):
-        ForwardKL(impl="fast")
+    with pytest.raises(ValueError, match="impl 'fast' is unknown; choose dense, chunked, fused_linear"):
+        Objective(ForwardKL(), "fast")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_train, seq_overrides
 from distillprune.errors import UserError
-from distillprune.evaluate import rouge_l, token_match
+from distillprune.evaluation.metrics import rouge_l, token_match
 from distillprune.prompts import load_prompts
 
 

@@ -1,4 +1,5 @@
-"""The pruning recipes: calibrate -> prune -> evaluate -> recover (LoRA or KD from the dense model) -> export.
+"""The pruning recipes' stages: calibrate -> prune -> evaluate -> recover (LoRA or KD from the dense model) ->
+export; ``prune_lora``, ``prune_distill`` and ``prune_magnitude`` run them.
 
 ``prune_lora`` trains LoRA adapters (peft) on the pruned model, merges them and exports a plain HF folder.
 ``prune_distill`` fine-tunes the pruned model with logit KD, the unpruned model as its teacher. Both write
@@ -22,41 +23,30 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distillprune import speed
 from distillprune.config import instantiate
 from distillprune.data import TextDataModule
 from distillprune.distill import frozen
 from distillprune.errors import UserError
-from distillprune.evaluate import perplexity
-from distillprune.evaluation import evaluate_stage
+from distillprune.evaluation import speed
+from distillprune.evaluation.metrics import count_params, perplexity
+from distillprune.evaluation.suite import evaluate_stage
 from distillprune.hardware import resolve_dtype, run_device
 from distillprune.models import DTYPES, export, load_model, load_tokenizer, shared_vocab_size
-from distillprune.pipeline import prepare_output_dir, train, write_metrics
-from distillprune.prune.groups import adapter_for, layer_widths
+from distillprune.prune.groups import family_of, layer_widths
 from distillprune.prune.importance import score
 from distillprune.prune.magnitude import check_sparsity, finalize, magnitude_prune, sparsity_of
 from distillprune.prune.surgery import apply, plan, select
 from distillprune.ranks import barrier, rank_and_world
-from distillprune.strategies import resolve_loss_impl
+from distillprune.recipes.common import check_loss_impl, prepare_output_dir, train, write_metrics
 
 log = logging.getLogger(__name__)
 
 
-def prune_lora(cfg: DictConfig) -> dict[str, Any]:
-    """Prune, then recover with LoRA adapters that are merged into the exported model."""
-    return _run(cfg, recover=_lora)
-
-
-def prune_distill(cfg: DictConfig) -> dict[str, Any]:
-    """Prune, then recover with logit KD from the unpruned model."""
-    return _run(cfg, recover=_distill)
-
-
-def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
+def magnitude_and_recover(cfg: DictConfig) -> dict[str, Any]:
     """Unstructured magnitude pruning to ``prune.sparsity``, KD recovery from the dense model with the masks
     fixed, export; reports the (absent) speed-up honestly by measuring it."""
-    loss = instantiate(cfg.loss)  # cheap checks first
-    loss.impl = resolve_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
+    check_loss_impl(cfg)  # cheap checks first
+    loss = instantiate(cfg.loss)
     run = _setup(cfg, check=lambda model, layers: check_sparsity(cfg.prune.sparsity))
     dense, metrics = _frozen_teacher(copy.deepcopy(run.model)), run.metrics
     t0 = time.perf_counter()
@@ -64,7 +54,7 @@ def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
     metrics["prune_s"] = round(time.perf_counter() - t0, 1)
     _measure(run, "pruned")
     metrics["speedup"] = "none: unstructured zeros run through the same dense kernels"
-    model, loggers = _distill(cfg, run.model, dense, loss, run.data, run.out)
+    model, loggers = distill_recovery(cfg, run.model, dense, loss, run.data, run.out)
     if model is None:  # not global rank 0: the training is this rank's whole share
         return {}
     finalize(model)
@@ -76,17 +66,20 @@ def prune_magnitude(cfg: DictConfig) -> dict[str, Any]:
     return _finish(cfg, run, (model, loggers), {"dense": cfg.model})
 
 
-def _run(cfg: DictConfig, recover) -> dict[str, Any]:
+def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any]) -> dict[str, Any]:
+    """Calibrate, score and prune once (rank 0), measure, then ``recover`` (``lora_recovery`` or
+    ``distill_recovery``), evaluate and export."""
     prune = cfg.prune
-    loss = instantiate(cfg.loss) if recover is _distill else None  # the dense model is the teacher
-    if loss is not None:
-        loss.impl = resolve_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
+    loss = None
+    if recover is distill_recovery:  # the dense model is the teacher
+        check_loss_impl(cfg)
+        loss = instantiate(cfg.loss)
     run = _setup(cfg, check=lambda m, layers: plan(m, prune.ratio, layers, prune.gqa, prune.round_to,
                                                    tuple(prune.parts)))  # fmt: skip
     model, metrics = run.model, run.metrics
     lead = rank_and_world()[0] == 0
     # the dense model is kept only where it is used: as the KD teacher (frozen: bf16 on a GPU), or for the sweep
-    dense = copy.deepcopy(model) if recover is _distill or (lead and prune.sweep) else None
+    dense = copy.deepcopy(model) if recover is distill_recovery or (lead and prune.sweep) else None
     if lead:  # pruned once; the other ranks load the result
         calibration = _calibration(cfg, run.tokenizer)
         t0 = time.perf_counter()
@@ -96,7 +89,7 @@ def _run(cfg: DictConfig, recover) -> dict[str, Any]:
         apply(model, keep)
         metrics["prune_s"] = round(time.perf_counter() - t0, 1)
         metrics["peak_mem_mb"] = round(peak_mb, 1)
-        metrics["params"]["pruned"] = _count(model)
+        metrics["params"]["pruned"] = count_params(model)
         metrics["params"]["removed_fraction"] = round(1 - metrics["params"]["pruned"] / metrics["params"]["dense"], 4)
         metrics["widths"] = [w.as_dict() for w in layer_widths(model)]
         _measure(run, "pruned")
@@ -110,7 +103,7 @@ def _run(cfg: DictConfig, recover) -> dict[str, Any]:
     if not lead:
         log.info("loading the model that rank 0 pruned from %s", run.out / "pruned")
         model = load_model(**{**cfg.model, "name": str(run.out / "pruned")}, device=run.model.device).eval()
-    teacher = _frozen_teacher(dense) if recover is _distill else None
+    teacher = _frozen_teacher(dense) if recover is distill_recovery else None
     recovered = recover(cfg, model, teacher, loss, run.data, run.out)
     return _finish(cfg, run, recovered, {"dense": cfg.model, "pruned": run.out / "pruned"})
 
@@ -119,7 +112,7 @@ def sweep(cfg: DictConfig, dense: PreTrainedModel, scores: Any, run: _Run) -> li
     """Prune copies of the dense model to each ratio of ``prune.sweep`` with the scores already computed (no
     recovery); the validation perplexity and batch-1 generation speed of each, the dense model as ratio 0."""
     p = cfg.prune
-    rows = [{"ratio": 0.0, "params": _count(dense), "removed_fraction": 0.0,
+    rows = [{"ratio": 0.0, "params": count_params(dense), "removed_fraction": 0.0,
              "ppl": run.metrics["val_ppl"]["dense"], "tokens_per_s": run.metrics["tokens_per_s"]["dense"]}]  # fmt: skip
     for ratio in sorted(float(r) for r in p.sweep):
         model = copy.deepcopy(dense)
@@ -127,8 +120,8 @@ def sweep(cfg: DictConfig, dense: PreTrainedModel, scores: Any, run: _Run) -> li
         apply(model, select(scores, checked, layer_widths(model), p.gqa, p.uniform, p.round_to))
         rows.append({
             "ratio": ratio,
-            "params": _count(model),
-            "removed_fraction": round(1 - _count(model) / rows[0]["params"], 4),
+            "params": count_params(model),
+            "removed_fraction": round(1 - count_params(model) / rows[0]["params"], 4),
             "ppl": perplexity(model, run.data.val_dataloader())["val_ppl"],
             "tokens_per_s": generation_speed(model, run.tokenizer),
         })  # fmt: skip
@@ -154,13 +147,13 @@ def _setup(cfg: DictConfig, check: Callable[[PreTrainedModel, list[int]], Any]) 
     out = prepare_output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = load_model(**cfg.model, device=run_device(str(cfg.trainer.accelerator))).eval()
-    adapter_for(model)  # unsupported architectures fail here
+    family_of(model)  # unsupported architectures fail here
     layers = _layers(str(cfg.prune.layers), model.config.num_hidden_layers)
     checked = check(model, layers)
     tok = load_tokenizer(cfg.model.name)
     data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)
     data.setup("fit")
-    metrics: dict[str, Any] = {"params": {"dense": _count(model)}, "val_ppl": {}, "tokens_per_s": {}}
+    metrics: dict[str, Any] = {"params": {"dense": count_params(model)}, "val_ppl": {}, "tokens_per_s": {}}
     run = _Run(out, model, layers, checked, tok, data, metrics, start)
     _measure(run, "dense")
     return run
@@ -196,7 +189,8 @@ def _finish(
     return run.metrics
 
 
-def _lora(cfg, model, dense, loss, data, out) -> tuple[PreTrainedModel | None, list[Logger]]:
+def lora_recovery(cfg, model, dense, loss, data, out) -> tuple[PreTrainedModel | None, list[Logger]]:  # noqa: ANN001
+    """Train LoRA adapters on the pruned model with CE and merge them: the recovered model and its loggers."""
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.lora
@@ -219,11 +213,12 @@ def _lora(cfg, model, dense, loss, data, out) -> tuple[PreTrainedModel | None, l
     return (peft_model.merge_and_unload() if peft_model is not None else None), loggers
 
 
-def _distill(cfg, model, dense, loss, data, out) -> tuple[PreTrainedModel | None, list[Logger]]:
-    loss.vocab_size = shared_vocab_size(dense, model, data.tokenizer, data.tokenizer)
+def distill_recovery(cfg, model, dense, loss, data, out) -> tuple[PreTrainedModel | None, list[Logger]]:  # noqa: ANN001
+    """Fine-tune the pruned model with logit KD from the dense one: the recovered model and its loggers."""
+    vocab = shared_vocab_size(dense, model, data.tokenizer, data.tokenizer)
     if cfg.trainer.max_steps == 0:
         return model, []
-    trainer, _, _, model = train(cfg, model, dense, loss, data, out)
+    trainer, _, _, model = train(cfg, model, dense, loss, data, out, system_overrides={"vocab_size": vocab})
     return model, trainer.loggers
 
 
@@ -259,10 +254,3 @@ def generation_speed(model: PreTrainedModel, tok, new_tokens: int = 32, repeats:
     ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids  # [1, P]
     ids = ids.to(next(model.parameters()).device)
     return speed.generation_speed(model, ids, [1], new_tokens, repeats, tok.pad_token_id)["1"]["tokens_per_s"]
-
-
-def _count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-__all__ = ["generation_speed", "prune_distill", "prune_lora", "prune_magnitude"]

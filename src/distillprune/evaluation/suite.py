@@ -1,11 +1,11 @@
-"""Evaluation of compressed models side by side, and the ``evaluate`` recipe.
+"""Evaluation of compressed models side by side.
 
 ``evaluate_models`` measures each model the same way: parameters, forward FLOPs per token, weights in memory,
 perplexity over held-out text in strided windows, generation tokens/s / time to first token / peak memory at
 each batch size with the KV cache, and lm-eval zero-shot accuracy on the packaged tasks. Every training recipe
 ends with ``evaluate_stage`` (teacher vs student, or dense vs pruned vs recovered), which also writes
 ``report.md`` with its plots; ``python train.py recipe=evaluate model=NAME [baseline=NAME]`` does the same for
-any saved models.
+any saved models (``distillprune.recipes.evaluate``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
@@ -23,12 +22,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.data import document_text, load_documents, split_documents
 from distillprune.errors import UserError
-from distillprune.evaluate import count_params, flops_per_token, strided_perplexity
-from distillprune.hardware import run_device
-from distillprune.models import load_model, load_tokenizer
-from distillprune.report import log_to_wandb, plot_sweep, plot_training, plot_widths, write_report
-from distillprune.speed import generation_speed, weights_mb
-from distillprune.zeroshot import run_zero_shot
+from distillprune.evaluation.metrics import count_params, flops_per_token, strided_perplexity
+from distillprune.evaluation.report import log_to_wandb, plot_sweep, plot_training, plot_widths, write_report
+from distillprune.evaluation.speed import generation_speed, weights_mb
+from distillprune.evaluation.zeroshot import run_zero_shot
 
 log = logging.getLogger(__name__)
 
@@ -125,30 +122,6 @@ def evaluate_stage(
     notes = [f"{k}: {v}" for k, v in metrics.items() if k in ("steps", "speedup", "sparsity", "prune_s")]
     write_report(out, f"{cfg.recipe}: {out.name}", metrics["evaluation"], plots, notes, metrics.get("sweep"))
     log_to_wandb(loggers or [], metrics["evaluation"], plots)
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """The ``evaluate`` recipe: ``model`` (and ``baseline`` when set) evaluated side by side; writes
-    ``metrics.json`` and ``report.md``."""
-    from distillprune.pipeline import build_loggers, prepare_output_dir, write_metrics
-
-    start = time.perf_counter()
-    if not cfg.model:
-        raise UserError("model= is required: a packaged alias, a local HF folder or a hub id")
-    out = prepare_output_dir(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    load = {k: cfg[k] for k in ("dtype", "attn_implementation", "trust_remote_code")}
-    device = run_device(str(cfg.device)) if cfg.device in ("auto", "cpu", "cuda", "gpu") else torch.device(cfg.device)
-    models = {}
-    if cfg.baseline:
-        models[f"baseline: {cfg.baseline}"] = load_model(cfg.baseline, **load, device=device)
-    models[f"model: {cfg.model}"] = load_model(cfg.model, **load, device=device)
-    tok = load_tokenizer(cfg.model)
-    metrics: dict[str, Any] = {}
-    evaluate_stage(cfg, models, tok, out, metrics, build_loggers(cfg, out))
-    metrics.update(wall_s=round(time.perf_counter() - start, 1), output_dir=str(out))
-    write_metrics(metrics, out)
-    return metrics
 
 
 def _plain_text(doc: tuple[str, Any], field: str) -> str:

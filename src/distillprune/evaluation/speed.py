@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distillprune.errors import UserError
+from distillprune.models import eval_mode
 
 
 def weights_mb(model: torch.nn.Module) -> float:
@@ -43,21 +44,19 @@ def generation_speed(
         raise UserError(f"evaluate.speed.new_tokens={new_tokens}: use at least 2 (the first token is the TTFT)")
     if prompts.shape[0] < max(batch_sizes):
         raise UserError(f"evaluate.speed: {prompts.shape[0]} prompt windows for a batch of {max(batch_sizes)}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = {}
-    for bs in batch_sizes:
-        ids = prompts[:bs].to(device)  # [B, P]
-        first, _ = _median_time(lambda ids=ids: _generate(model, ids, 1, pad_token_id), repeats)
-        whole, peak = _timed_with_peak(lambda ids=ids: _generate(model, ids, new_tokens, pad_token_id), repeats)
-        out[str(bs)] = {
-            "tokens_per_s": round(bs * new_tokens / whole, 2),
-            "decode_tokens_per_s": round(bs * (new_tokens - 1) / max(whole - first, 1e-9), 2),
-            "ttft_ms": round(first * 1000, 1),
-            "peak_mb": round(weights_mb(model) + peak if device.type == "cpu" else peak, 1),
-        }
-    model.train(was_training)
+    with eval_mode(model):
+        device = next(model.parameters()).device
+        out = {}
+        for bs in batch_sizes:
+            ids = prompts[:bs].to(device)  # [B, P]
+            first, _ = _median_time(lambda ids=ids: _generate(model, ids, 1, pad_token_id), repeats)
+            whole, peak = _timed_with_peak(lambda ids=ids: _generate(model, ids, new_tokens, pad_token_id), repeats)
+            out[str(bs)] = {
+                "tokens_per_s": round(bs * new_tokens / whole, 2),
+                "decode_tokens_per_s": round(bs * (new_tokens - 1) / max(whole - first, 1e-9), 2),
+                "ttft_ms": round(first * 1000, 1),
+                "peak_mb": round(weights_mb(model) + peak if device.type == "cpu" else peak, 1),
+            }
     return out
 
 

@@ -1,4 +1,5 @@
-"""What a recipe's top-level ``_target_`` runs: build the models, data and system, train, evaluate, export."""
+"""The skeleton every runner shares: the run folder, the loss, the trainer and its loggers, training with
+resume and requeue, the teacher for the evaluation stage, and ``metrics.json`` with its tables."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
-from distillprune import sharded
 from distillprune.checkpoint import (
     AtomicCheckpointIO,
     RequeueOnSignal,
@@ -30,71 +30,13 @@ from distillprune.checkpoint import (
 )  # fmt: skip
 from distillprune.config import default_output_dir, instantiate
 from distillprune.errors import UserError
-from distillprune.evaluate import perplexity
-from distillprune.evaluation import evaluate_stage
-from distillprune.hardware import decisions, resolve_precision, run_device
+from distillprune.evaluation.report import comparison_rows
+from distillprune.hardware import decisions, resolve_precision
 from distillprune.losses import Divergence
-from distillprune.models import export, load_model, load_tokenizer, shared_vocab_size
-from distillprune.report import comparison_rows
+from distillprune.models import load_model
 from distillprune.strategies import build_strategy, resolve_loss_impl, trained_student
 
 log = logging.getLogger(__name__)
-
-
-def distill(cfg: DictConfig) -> dict[str, Any]:
-    """Logit distillation (or, with ``system.kd_weight=0``, CE-only training) from a recipe; returns the metrics."""
-    start = time.perf_counter()
-    out = prepare_output_dir(cfg)
-    resolve_resume(cfg.resume, out / "checkpoints")  # cheap checks first, before any loading
-    loss = kd_loss(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    device = run_device(str(cfg.trainer.accelerator))
-    tokenizer = load_tokenizer(cfg.student.name)
-    data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
-    data.setup("fit")
-    how = sharded.loading(cfg)  # under ZeRO-3 / FSDP on several ranks no rank loads a whole model
-    student = sharded.load_trained_student(cfg.student, how, cfg, device)
-    metrics: dict[str, Any] = {"params": {"student": sharded.full_numel(student)}}
-    metrics["resident_params"] = {"student": sharded.resident_numel(student)}  # on this rank, once loaded
-    before = sharded.BeforeTraining() if how != "whole" else None  # measured in the strategy, by every rank
-    lead = rank_zero_only.rank == 0  # other ranks (started by the launcher or srun) only train
-    teacher = None
-    if cfg.teacher is not None and (loss is not None or (lead and before is None)):
-        teacher = sharded.load_teacher(cfg.teacher, how, cfg, device)
-        metrics["params"]["teacher"] = sharded.full_numel(teacher)
-        metrics["resident_params"]["teacher"] = sharded.resident_numel(teacher)
-        if loss is not None:
-            loss.vocab_size = shared_vocab_size(teacher, student, load_tokenizer(cfg.teacher.name), tokenizer)
-    if lead and before is None:
-        if teacher is not None:
-            metrics["teacher"] = perplexity(teacher, data.val_dataloader())
-        metrics["student_init"] = perplexity(student, data.val_dataloader())
-        log.info("before training: %s", metrics)
-    if loss is None:
-        teacher = None  # evaluated for the report only; CE training never needs it in memory
-
-    extra = [before] if before is not None else []
-    trainer, system, fit_s, student = train(cfg, student, teacher, loss, data, out, callbacks=extra)
-    if student is None:
-        return {}
-    metrics.update(before.metrics if before else {})
-    metrics["student"] = perplexity(student, data.val_dataloader())
-    export(student, tokenizer, out / "final")
-    metrics.update(
-        steps=int(trainer.global_step),
-        world_size=trainer.world_size,
-        # training tokens of all ranks per second of fit, validation time included
-        tokens_per_s=round(system.tokens_seen * trainer.world_size / fit_s, 1),
-    )
-    models = {} if cfg.teacher is None else {"teacher": evaluation_teacher(cfg, teacher, trainer.world_size, student)}
-    if "teacher" in models and "teacher" not in metrics:  # CE-only on sharded ranks: measured now, on rank 0
-        metrics["params"]["teacher"] = _count(models["teacher"])
-        metrics["teacher"] = perplexity(models["teacher"], data.val_dataloader())
-    evaluate_stage(cfg, {**models, "student": student}, tokenizer, out, metrics, trainer.loggers)
-    metrics.update(wall_s=round(time.perf_counter() - start, 1), output_dir=str(out))
-    write_metrics(metrics, out)
-    return metrics
 
 
 def evaluation_teacher(
@@ -115,9 +57,23 @@ def kd_loss(cfg: DictConfig) -> Divergence | None:
         raise UserError("system.kd_weight > 0 needs a teacher; set teacher.name or system.kd_weight=0")
     if not uses_teacher:
         return None
-    loss = instantiate(cfg.loss)
-    loss.impl = resolve_loss_impl(str(cfg.trainer.get("strategy", "auto")), loss.impl)
-    return loss
+    check_loss_impl(cfg)
+    return instantiate(cfg.loss)
+
+
+def check_loss_impl(cfg: DictConfig) -> None:
+    """An explicit ``system.loss_impl`` that the strategy cannot run is a one-line error before any loading."""
+    impl = str(cfg.system.get("loss_impl", "auto"))
+    if impl != "auto":
+        resolve_loss_impl(str(cfg.trainer.get("strategy", "auto")), impl)
+
+
+def loss_impl(cfg: DictConfig, loss: Divergence | None) -> str:
+    """How the system computes CE + KD: ``system.loss_impl`` with ``auto`` resolved for the strategy; CE-only
+    training (no divergence) computes the plain dense CE."""
+    if loss is None:
+        return "dense"
+    return resolve_loss_impl(str(cfg.trainer.get("strategy", "auto")), str(cfg.system.get("loss_impl", "auto")))
 
 
 def train(
@@ -134,11 +90,10 @@ def train(
 
     Returns the trainer, the system, the seconds of fit and the trained student as one plain model: on global rank
     0 only (gathered from the shards under ZeRO-3 / FSDP); None on the other ranks, whose work ends here."""
-    system = instantiate(
-        cfg.system, student=student, teacher=teacher, loss=loss, seed=cfg.seed, **(system_overrides or {})
-    )
-    trainer = build_trainer(cfg, out, callbacks)
-    ckpt_path = resolve_resume(cfg.resume, out / "checkpoints")
+    overrides = {"loss_impl": loss_impl(cfg, loss), **(system_overrides or {})}
+    system = instantiate(cfg.system, student=student, teacher=teacher, loss=loss, seed=cfg.seed, **overrides)
+    ckpt_path = resolve_resume(cfg.resume, out / "checkpoints")  # once per training run (validation checked it)
+    trainer = build_trainer(cfg, out, callbacks, resumed=ckpt_path is not None)
     fit_start = time.perf_counter()
     try:
         trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
@@ -164,10 +119,6 @@ def train(
     return trainer, system, fit_s, student
 
 
-def _count(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def prepare_output_dir(cfg: DictConfig) -> Path:
     """Create the run folder (default ``runs/<recipe>-<timestamp>``, or ``-<job id>`` under SLURM) and save the
     resolved config in it. Every recipe starts here, so the trainer's scale settings are checked here first."""
@@ -184,9 +135,11 @@ def prepare_output_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
-    """The Lightning trainer of ``cfg.trainer`` with atomic checkpoints, CSV (+ W&B) logs, a progress bar and
-    the run's ``extra_callbacks``."""
+def build_trainer(
+    cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] | None = None, resumed: bool = False
+) -> L.Trainer:
+    """The Lightning trainer of ``cfg.trainer`` with atomic checkpoints, CSV (+ W&B) logs (appended to when
+    ``resumed``), a progress bar and the run's ``extra_callbacks``."""
     ckpt = ModelCheckpoint(
         dirpath=out / "checkpoints",
         filename="step{step:06d}",
@@ -208,7 +161,7 @@ def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] 
         use_distributed_sampler=False,  # the datamodule shards its own resumable order (ResumableSampler)
         default_root_dir=str(out),
         callbacks=callbacks,
-        logger=build_loggers(cfg, out),
+        logger=build_loggers(cfg, out, resumed),
         plugins=[AtomicCheckpointIO(), *slurm_env],
     )
 
@@ -218,9 +171,8 @@ def _trainer_strategy(cfg: DictConfig) -> Any:
     return build_strategy(str(t.get("strategy", "auto")), str(t.get("accelerator", "auto")), t.get("devices", 1))
 
 
-def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
+def build_loggers(cfg: DictConfig, out: Path, resumed: bool = False) -> list[Logger]:
     """A CSV log always; W&B online when an API key is set, offline otherwise (or when online fails), or off."""
-    resumed = resolve_resume(cfg.resume, out / "checkpoints") is not None
     csv_logger = ResumedCSVLogger if resumed else CSVLogger
     loggers: list[Logger] = [csv_logger(str(out), name="logs", version="")]
     mode = cfg.logger.wandb.mode

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import icl_overrides, run_train
-from distillprune.data import IGNORE_INDEX
 from distillprune.errors import UserError
-from distillprune.icl import answer_matches, encode_views, load_task
+from distillprune.incontext import answer_matches, encode_views, load_task
+from distillprune.losses import IGNORE_INDEX
 
 
 def _row(k: int = 2) -> dict:

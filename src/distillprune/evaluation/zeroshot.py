@@ -29,7 +29,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.data import load_documents, split_documents
 from distillprune.errors import UserError
-from distillprune.prompts import _kjv_verses, _speeches
+from distillprune.models import eval_mode
+from distillprune.passages import kjv_verses, speeches
 
 Item = dict[str, Any]  # {"context": str, "choices": list[str], "label": int}
 
@@ -53,7 +54,7 @@ def _cloze(passages: list[str], n: int, rng: random.Random, choices: int = 4) ->
 
 def _held_out_speeches(val_fraction: float, seed: int) -> list[str]:
     _, held_out = split_documents(load_documents("shakespeare"), val_fraction, seed)
-    return [s for _, play in held_out for s in _speeches(play)]
+    return [s for _, play in held_out for s in speeches(play)]
 
 
 def shakespeare_cloze(n: int, seed: int, val_fraction: float) -> list[Item]:
@@ -61,7 +62,7 @@ def shakespeare_cloze(n: int, seed: int, val_fraction: float) -> list[Item]:
 
 
 def kjv_cloze(n: int, seed: int, val_fraction: float) -> list[Item]:
-    verses = [v for v in _kjv_verses() if 80 <= len(v) <= 300]
+    verses = kjv_verses(80, 300)
     rng = random.Random(seed)
     return _cloze(rng.sample(verses, min(len(verses), 4 * n)), n, rng)
 
@@ -69,7 +70,7 @@ def kjv_cloze(n: int, seed: int, val_fraction: float) -> list[Item]:
 def shakespeare_or_bible(n: int, seed: int, val_fraction: float) -> list[Item]:
     rng = random.Random(seed)
     speeches = _held_out_speeches(val_fraction, seed)
-    verses = [v for v in _kjv_verses() if 120 <= len(v) <= 400]
+    verses = kjv_verses(120, 400)
     half = n // 2
     rows = [(s, 0) for s in rng.sample(speeches, min(half, len(speeches)))]
     rows += [(v, 1) for v in rng.sample(verses, n - len(rows))]
@@ -134,20 +135,19 @@ def run_zero_shot(
         logging.getLogger(noisy).setLevel(logging.ERROR)
     task_names = write_tasks(folder, names, n, seed, val_fraction)
     device = next(model.parameters()).device
-    was_training = model.training
-    lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    quiet, os.environ["TQDM_DISABLE"] = os.environ.get("TQDM_DISABLE"), "1"  # one bar per request batch otherwise
-    results = simple_evaluate(
-        model=lm,
-        tasks=list(task_names),
-        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
-        log_samples=False,
-        bootstrap_iters=0,  # the standard errors below are the binomial ones
-        verbosity="ERROR",
-    )["results"]
-    if quiet is None:
-        os.environ.pop("TQDM_DISABLE")
-    model.train(was_training)
+    with eval_mode(model):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        quiet, os.environ["TQDM_DISABLE"] = os.environ.get("TQDM_DISABLE"), "1"  # one bar per request batch otherwise
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(task_names),
+            task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+            log_samples=False,
+            bootstrap_iters=0,  # the standard errors below are the binomial ones
+            verbosity="ERROR",
+        )["results"]
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE")
     out = {}
     for name, task in zip(names, task_names, strict=True):
         r, count = results[task], task_names[task]

@@ -1,0 +1,91 @@
+"""In-context (context) distillation (Snell et al. 2022; Huang et al. 2022): the teacher answers a query after
+k demonstrations, the student sees the query alone and learns to answer as the few-shot teacher does.
+
+The answers to learn are the teacher's own few-shot answers (generated once and stored). ``system.kd_weight``
+chooses the loss: 1.0 matches the teacher's few-shot distribution with the student's zero-shot one on the answer
+tokens (the two views hold the same answer tokens at different offsets); 0.0 is sequence-level (CE on the
+teacher's answers). The packaged task asks whether a line is from Shakespeare or the Bible, in one word: the
+zero-shot teacher answers in sentences, the few-shot teacher in the demonstrated format.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from distillprune.config import instantiate
+from distillprune.data import write_splits
+from distillprune.errors import UserError
+from distillprune.evaluation.suite import evaluate_stage
+from distillprune.generate import chat_prompt, teacher_responses
+from distillprune.hardware import run_device
+from distillprune.incontext import load_task, task_accuracy, two_views
+from distillprune.models import export, load_model, load_student, load_tokenizer
+from distillprune.ranks import rank_and_world
+from distillprune.recipes.common import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Few-shot teacher -> zero-shot student on ``cfg.task``; returns the metrics written to ``metrics.json``."""
+    start = time.perf_counter()
+    out = prepare_output_dir(cfg)
+    loss = kd_loss(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    task = cfg.task
+    examples = load_task(task.source, task.n, cfg.seed)
+    rng = random.Random(cfg.seed)
+    rng.shuffle(examples)
+    n_eval, n_demos = task.n_eval, task.n_demos
+    if task.k < 1 or task.k > n_demos:
+        raise UserError(f"task.k={task.k} demonstrations asked for, but the demonstration pool has {n_demos}")
+    if n_eval + n_demos >= len(examples):
+        raise UserError(f"task has {len(examples)} examples: too few for {n_eval} eval + {n_demos} demos + training")
+    evals, demos, queries = examples[:n_eval], examples[n_eval : n_eval + n_demos], examples[n_eval + n_demos :]
+
+    tok = load_tokenizer(cfg.teacher.name)
+    device = run_device(str(cfg.trainer.accelerator))
+    teacher = load_model(**cfg.teacher, device=device, role="teacher")
+    student = load_student(**cfg.student, device=device)
+    views = [two_views(q, demos, task, rng, f"q{i}") for i, q in enumerate(queries)]
+    eval_views = [two_views(q, demos, task, rng, f"e{i}") for i, q in enumerate(evals)]
+    few_shot = [{"id": v["id"], "messages": v["teacher"]} for v in views]
+    longest = max(len(chat_prompt(tok, p)) for p in few_shot) + cfg.generate.max_new_tokens
+    if longest > cfg.data.seq_len:  # say so now, not after minutes of generation
+        raise UserError(
+            f"demonstrations + query + answer take up to {longest} tokens, more than data.seq_len="
+            f"{cfg.data.seq_len}; use fewer or shorter demonstrations (task.k) or a longer seq_len"
+        )
+    answers = teacher_responses(teacher, tok, few_shot, cfg)
+    for v in views:
+        v["answer"] = answers[v["id"]]["response"]
+
+    gen = cfg.generate
+    accuracy = {}
+    if rank_and_world()[0] == 0:  # measured once; the other ranks go on to training
+        accuracy = {
+            "teacher_zero_shot": task_accuracy(teacher, tok, eval_views, "student", gen),
+            "teacher_few_shot": task_accuracy(teacher, tok, eval_views, "teacher", gen),
+            "student_before": task_accuracy(student, tok, eval_views, "student", gen),
+        }
+    files = write_splits(out / "data", {"train": views, "val": [{**v, "answer": v["output"]} for v in eval_views]})
+    data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["train"]), val_source=str(files["val"]))
+    trainer, _, fit_s, student = train(cfg, student, teacher if loss is not None else None, loss, data, out)
+    if student is None:  # not global rank 0: the training is this rank's whole share
+        return {}
+    accuracy["student_after"] = task_accuracy(student, tok, eval_views, "student", gen)
+    export(student, tok, out / "final")
+    metrics = {
+        "accuracy": accuracy,
+        "examples": {"train": len(queries), "demos": n_demos, "eval": n_eval, "k": task.k},
+        "steps": int(trainer.global_step),
+        "train_s": round(fit_s, 1),
+    }
+    models = {"teacher": evaluation_teacher(cfg, teacher, trainer.world_size, student), "student": student}
+    evaluate_stage(cfg, models, tok, out, metrics, trainer.loggers)
+    metrics.update(wall_s=round(time.perf_counter() - start, 1), output_dir=str(out))
+    write_metrics(metrics, out)
+    return metrics
