@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import prune_overrides, run_train, tiny_overrides
+from conftest import icl_overrides, prune_overrides, run_train, seq_overrides, tiny_overrides
 from distillprune.data import ResumableSampler
 from distillprune.errors import UserError
 from distillprune.strategies import FSDP2, DeepSpeed, build_strategy
@@ -306,3 +306,29 @@ def test_sharded_loading_of_a_pretrained_student(tiny_model_dir: Path, tiny_text
     metrics = json.loads((zero3 / "metrics.json").read_text())
     assert metrics["resident_params"]["student"] == pytest.approx(metrics["params"]["student"] / 2, rel=0.01)
     assert next(AutoModelForCausalLM.from_pretrained(zero3 / "final").parameters()).dtype == torch.float32
+
+
+@needs_two_cores
+def test_seq_and_icl_distill_load_the_student_in_shards_and_measure_it_inside_the_strategy(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # the student's answers before training: rank 0 with the whole model, or every rank with the shards (synced
+    # generation inside fit); the same greedy answers, so the same scores
+    overrides = {"seq_distill": seq_overrides, "icl_distill": icl_overrides}
+
+    def run(recipe: str, name: str, *extra: str) -> dict:
+        out = tmp_path / recipe / name
+        run_train(f"recipe={recipe}", *overrides[recipe](tiny_model_dir, out, tmp_path / "gen"), "trainer.max_steps=2",
+                  "trainer.precision=32-true", "evaluate.speed.batch_sizes=[]", *extra, timeout=400)  # fmt: skip
+        return json.loads((out / "metrics.json").read_text())
+
+    one = run("seq_distill", "one", "data.batch_size=4")
+    two = run("seq_distill", "fsdp", "data.batch_size=2", "trainer.strategy=fsdp", "trainer.devices=2",
+              "system.loss_impl=chunked")  # fmt: skip
+    assert two["auto"]["model_loading"]["choice"] == "sharded (fsdp)"
+    assert two["teacher_agreement"]["before"] == one["teacher_agreement"]["before"]
+    one = run("icl_distill", "one", "data.batch_size=4")
+    two = run("icl_distill", "zero3", "data.batch_size=2", "trainer.strategy=deepspeed_stage_3", "trainer.devices=2",
+              "system.loss_impl=chunked")  # fmt: skip
+    assert two["auto"]["model_loading"]["choice"] == "sharded (zero3)"
+    assert two["accuracy"]["student_before"] == one["accuracy"]["student_before"]

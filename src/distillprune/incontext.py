@@ -52,13 +52,20 @@ def answer_matches(generated: str, gold: str) -> bool:
 
 
 def task_accuracy(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, views: list[dict], view: str, gen: DictConfig
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    views: list[dict],
+    view: str,
+    gen: DictConfig,
+    synced: bool = False,
 ) -> float:
-    """Greedy accuracy with the ``student`` (zero-shot) or ``teacher`` (few-shot) prompt of each example."""
+    """Greedy accuracy with the ``student`` (zero-shot) or ``teacher`` (few-shot) prompt of each example
+    (``synced``: every rank runs the same forward passes, for a model that exists only as shards)."""
     correct = 0
     for chunk in batches(views, gen.batch_size):
         prompts = [chat_prompt(tok, {"messages": v[view]}) for v in chunk]
-        outs = generate(model, prompts, tok.pad_token_id, stop_ids(model, tok), max_new_tokens=gen.max_new_tokens)
+        stops = stop_ids(model, tok)
+        outs = generate(model, prompts, tok.pad_token_id, stops, max_new_tokens=gen.max_new_tokens, synced_gpus=synced)
         for v, o in zip(chunk, outs, strict=True):
             correct += answer_matches(tok.decode(o, skip_special_tokens=True), v["output"])
     return round(correct / len(views), 4)

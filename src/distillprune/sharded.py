@@ -176,26 +176,33 @@ def zero3_init(cfg: DictConfig) -> Iterator[None]:
 
 
 class BeforeTraining(L.Callback):
-    """The validation perplexity of the student and the teacher before the first step, measured by every rank
-    inside the strategy (whose models exist only as shards); kept in checkpoints, so a resumed run reports the
-    values of its first start."""
+    """Measurements of the models before the first step, taken by every rank inside the strategy (whose models
+    exist only as shards); kept in checkpoints, so a resumed run reports the values of its first start.
 
-    def __init__(self) -> None:
+    Args:
+        measure: ``(trainer, system) -> metrics``; every rank calls it with the same work (sharded forward passes
+            are collectives). The default is the validation perplexity of the teacher and the student.
+    """
+
+    def __init__(self, measure: Callable[[L.Trainer, L.LightningModule], dict[str, Any]] | None = None) -> None:
+        self.measure = measure or _perplexities
         self.metrics: dict[str, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, system: L.LightningModule) -> None:
-        if self.metrics:
-            return
-        loader = trainer.datamodule.val_dataloader()
-        if getattr(system, "teacher", None) is not None:
-            self.metrics["teacher"] = perplexity(system.teacher, loader)
-        self.metrics["student_init"] = perplexity(system.student, loader)
+        if not self.metrics:
+            self.metrics = self.measure(trainer, system)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.metrics)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.metrics = dict(state_dict)
+
+
+def _perplexities(trainer: L.Trainer, system: L.LightningModule) -> dict[str, Any]:
+    loader = trainer.datamodule.val_dataloader()
+    out = {"teacher": perplexity(system.teacher, loader)} if getattr(system, "teacher", None) is not None else {}
+    return out | {"student_init": perplexity(system.student, loader)}
 
 
 def resident_numel(model: torch.nn.Module) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
+from distillprune import sharded
 from distillprune.config import instantiate
 from distillprune.data import write_splits
 from distillprune.errors import UserError
@@ -24,7 +25,7 @@ from distillprune.evaluation.suite import evaluate_stage
 from distillprune.generate import chat_prompt, teacher_responses
 from distillprune.hardware import run_device
 from distillprune.incontext import load_task, task_accuracy, two_views
-from distillprune.models import export, load_model, load_student, load_tokenizer
+from distillprune.models import export, load_model, load_tokenizer
 from distillprune.ranks import rank_and_world
 from distillprune.recipes.common import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
 
@@ -48,8 +49,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     tok = load_tokenizer(cfg.teacher.name)
     device = run_device(str(cfg.trainer.accelerator))
-    teacher = load_model(**cfg.teacher, device=device, role="teacher")
-    student = load_student(**cfg.student, device=device)
+    teacher = load_model(**cfg.teacher, device=device, role="teacher")  # whole: every rank generates with it
+    how = sharded.loading(cfg)  # under ZeRO-3 / FSDP on several ranks no rank holds a whole student
+    student = sharded.load_trained_student(cfg.student, how, cfg, device)
     views = [two_views(q, demos, task, rng, f"q{i}") for i, q in enumerate(queries)]
     eval_views = [two_views(q, demos, task, rng, f"e{i}") for i, q in enumerate(evals)]
     few_shot = [{"id": v["id"], "messages": v["teacher"]} for v in views]
@@ -69,13 +71,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         accuracy = {
             "teacher_zero_shot": task_accuracy(teacher, tok, eval_views, "student", gen),
             "teacher_few_shot": task_accuracy(teacher, tok, eval_views, "teacher", gen),
-            "student_before": task_accuracy(student, tok, eval_views, "student", gen),
         }
+        if how == "whole":
+            accuracy["student_before"] = task_accuracy(student, tok, eval_views, "student", gen)
+    before = None
+    if how != "whole":  # the sharded student's answers: every rank, inside fit
+        before = sharded.BeforeTraining(
+            lambda _, system: {"student_before": task_accuracy(system.student, tok, eval_views, "student", gen, True)}
+        )
     files = write_splits(out / "data", {"train": views, "val": [{**v, "answer": v["output"]} for v in eval_views]})
     data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["train"]), val_source=str(files["val"]))
-    trainer, _, fit_s, student = train(cfg, student, teacher if loss is not None else None, loss, data, out)
+    extra = [before] if before is not None else []
+    trainer, _, fit_s, student = train(
+        cfg, student, teacher if loss is not None else None, loss, data, out, callbacks=extra
+    )
     if student is None:  # not global rank 0: the training is this rank's whole share
         return {}
+    accuracy.update(before.metrics if before is not None else {})
     accuracy["student_after"] = task_accuracy(student, tok, eval_views, "student", gen)
     export(student, tok, out / "final")
     metrics = {

@@ -17,6 +17,7 @@ import lightning as L
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distillprune import sharded
 from distillprune.choices import SEQ_STAGES
 from distillprune.config import instantiate
 from distillprune.data import split_documents, write_splits
@@ -57,8 +58,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return _finish(metrics, out, start)
 
     files = _write_training_files(out / "data", train_prompts, eval_prompts, responses)
-    student = load_student(**cfg.student, device=device)
-    if "evaluate" in cfg.stages and rank_and_world()[0] == 0:  # measured once; the other ranks only train
+    how = sharded.loading(cfg) if "train" in cfg.stages else "whole"  # ZeRO-3 / FSDP: no whole student per rank
+    student = sharded.load_trained_student(cfg.student, how, cfg, device)
+    before = None
+    if "evaluate" in cfg.stages and how != "whole":  # the sharded student's answers: every rank, inside fit
+        before = sharded.BeforeTraining(
+            lambda _, system: {"before": agreement(system.student, tok, eval_prompts, responses, cfg, synced=True)}
+        )
+    elif "evaluate" in cfg.stages and rank_and_world()[0] == 0:  # measured once; the other ranks only train
         metrics["teacher_agreement"] = {"before": agreement(student, tok, eval_prompts, responses, cfg)}
     trainer = None
     if "train" in cfg.stages:
@@ -66,9 +73,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["train"]), val_source=str(files["val"])
         )
         keep_teacher = teacher if loss is not None else None
-        trainer, _, fit_s, student = train(cfg, student, keep_teacher, loss, data, out)
+        extra = [before] if before is not None else []
+        trainer, _, fit_s, student = train(cfg, student, keep_teacher, loss, data, out, callbacks=extra)
         if student is None:  # not global rank 0: the training is this rank's whole share
             return {}
+        if before is not None:
+            metrics["teacher_agreement"] = dict(before.metrics)
         metrics.update(steps=int(trainer.global_step), train_s=round(fit_s, 1))
         export(student, tok, out / "final")
         if trainer.world_size > 1 and cfg.reference_student:
@@ -92,8 +102,10 @@ def agreement(
     prompts: list[PromptRow],
     responses: dict[str, dict[str, Any]],
     cfg: DictConfig,
+    synced: bool = False,
 ) -> dict[str, float]:
-    """Mean ROUGE-L and token match of the student's greedy answers against the teacher's."""
+    """Mean ROUGE-L and token match of the student's greedy answers against the teacher's (``synced``: every rank
+    runs the same forward passes, for a student that exists only as shards)."""
     scores = {"rouge_l": 0.0, "token_match": 0.0}
     for chunk in batches(prompts, cfg.generate.batch_size):
         outs = generate(
@@ -102,6 +114,7 @@ def agreement(
             tok.pad_token_id,
             stop_ids(student, tok),
             max_new_tokens=cfg.generate.max_new_tokens,
+            synced_gpus=synced,
         )
         for p, o in zip(chunk, outs, strict=True):
             teacher = responses[p["id"]]
