@@ -23,10 +23,10 @@ def test_skeleton_holds_no_parameters_and_names_each_tensor_in_the_files(tiny_mo
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as from_pretrained ties them
     assert not model.model.rotary_emb.inv_freq.is_meta  # buffers are computed, not read
     assert model.config.num_hidden_layers == 2 and model.generation_config.eos_token_id is not None
-    names = sharded._SOURCES[model].names
+    names = sharded.weights_source(model).names
     assert names["model.layers.1.mlp.up_proj.weight"] == "model.layers.3.mlp.up_proj.weight"
     assert names["model.layers.0.self_attn.q_proj.weight"] == "model.layers.0.self_attn.q_proj.weight"
-    with sharded._SOURCES[model].open() as read:  # only the rows asked for are read
+    with sharded.weights_source(model).open() as read:  # only the rows asked for are read
         rows = read("model.layers.1.mlp.up_proj.weight", slice(2, 5))
     want = load_file(tiny_model_dir / "model.safetensors")["model.layers.3.mlp.up_proj.weight"][2:5]
     torch.testing.assert_close(rows, want, rtol=0, atol=0)

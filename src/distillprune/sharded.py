@@ -218,6 +218,11 @@ def resident_numel(model: torch.nn.Module) -> int:
     return total
 
 
+def weights_source(model: PreTrainedModel) -> WeightsSource:
+    """Where a skeleton's weights are read from (each parameter's tensor name and file)."""
+    return _SOURCES[model]
+
+
 def _first_row(param: torch.Tensor) -> int:
     """The first dim-0 row of ``param``'s local shard (FSDP2: ``torch.chunk`` pieces, the last ones may be short)."""
     if not hasattr(param, "device_mesh"):
@@ -240,7 +245,7 @@ def _weights_folder(name: str) -> Path:
 
 
 @dataclasses.dataclass
-class _Source:
+class WeightsSource:
     """Where a skeleton's weights are: each parameter's tensor name in the safetensors files, and its file."""
 
     names: dict[str, str]  # model parameter -> tensor name in the files
@@ -262,10 +267,10 @@ class _Source:
             yield read
 
 
-_SOURCES: weakref.WeakKeyDictionary[torch.nn.Module, _Source] = weakref.WeakKeyDictionary()
+_SOURCES: weakref.WeakKeyDictionary[torch.nn.Module, WeightsSource] = weakref.WeakKeyDictionary()
 
 
-def _source(model: PreTrainedModel, folder: Path, keep_layers: list[int] | None) -> _Source:
+def _source(model: PreTrainedModel, folder: Path, keep_layers: list[int] | None) -> WeightsSource:
     """Each parameter's tensor in ``folder``'s safetensors files (kept layers under their source indices); a
     one-line error when one is missing (no safetensors, or names that transformers renames on loading)."""
     from safetensors import safe_open
@@ -289,4 +294,4 @@ def _source(model: PreTrainedModel, folder: Path, keep_layers: list[int] | None)
                 "loaded in shards (use trainer.strategy=deepspeed_stage_2 or ddp)"
             )
         names[name] = name_in_file
-    return _Source(names, files)
+    return WeightsSource(names, files)
