@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from distillprune.assets import ALIASES, PackagedGGUF, cache_dir, package_dir
 from distillprune.errors import UserError
@@ -28,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_LAYER = re.compile(r"(.*\.layers)\.(\d+)\.(.*)")  # a decoder layer's tensor: prefix, index, rest
 
 
 def resolve(name: str) -> str:
@@ -76,15 +84,24 @@ def load_model(
     """A pretrained causal LM from an alias, a local folder or the hub, on ``device`` (``dtype`` ``auto``:
     bfloat16 on a GPU, float32 on the CPU); attention is chosen for that device and dtype."""
     device = torch.device(device)
-    torch_dtype = _dtype(resolve_dtype(dtype, device, role))
+    torch_dtype, attention = dtype_and_attention(dtype, attn_implementation, device, role)
     model = _from_hub_or_disk(
         AutoModelForCausalLM.from_pretrained,
         name,
         dtype=torch_dtype,
-        attn_implementation=choose_attention(attn_implementation, device, torch_dtype, role=role),
+        attn_implementation=attention,
         trust_remote_code=trust_remote_code,
     )
     return model.to(device)
+
+
+def dtype_and_attention(
+    dtype: str, attn_implementation: str, device: torch.device, role: str
+) -> tuple[torch.dtype, str]:
+    """The torch dtype and the attention implementation of a model of ``role`` on ``device``, the ``auto``
+    settings resolved (``hardware.resolve_dtype``, ``hardware.choose_attention``)."""
+    torch_dtype = _dtype(resolve_dtype(dtype, device, role))
+    return torch_dtype, choose_attention(attn_implementation, device, torch_dtype, role=role)
 
 
 def load_student(
@@ -115,9 +132,8 @@ def load_student(
             if not hasattr(config, key):
                 raise UserError(f"student.config_overrides: {type(config).__name__} has no field '{key}'")
             setattr(config, key, value)
-        torch_dtype = _dtype(resolve_dtype(dtype, device, "student"))
+        torch_dtype, attention = dtype_and_attention(dtype, attn_implementation, device, "student")
         config.dtype = torch_dtype
-        attention = choose_attention(attn_implementation, device, torch_dtype, role="student")
         model = AutoModelForCausalLM.from_config(
             config, attn_implementation=attention, trust_remote_code=trust_remote_code
         ).to(device=device, dtype=torch_dtype)
@@ -131,21 +147,28 @@ def load_student(
 def drop_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     """A copy of ``model`` with only the decoder layers in ``keep`` (in that order); embeddings and head kept."""
     check_keep(keep, model.config.num_hidden_layers)
-    config = copy.deepcopy(model.config)
+    config = kept_layers_config(model.config, keep)
+    student = AutoModelForCausalLM.from_config(config, attn_implementation=model.config._attn_implementation)
+    source = model.state_dict()
+    student.load_state_dict({k: source[source_name(k, keep)] for k in student.state_dict()}, strict=True)
+    student.generation_config = copy.deepcopy(model.generation_config)
+    return student.to(model.dtype)
+
+
+def kept_layers_config(config: PretrainedConfig, keep: list[int]) -> PretrainedConfig:
+    """A copy of ``config`` with only the decoder layers ``keep`` (per-layer ``layer_types`` follow them)."""
+    config = copy.deepcopy(config)
     config.num_hidden_layers = len(keep)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in keep]
-    student = AutoModelForCausalLM.from_config(config, attn_implementation=model.config._attn_implementation)
-    state = {}
-    for key, value in model.state_dict().items():
-        match = re.match(r"(.*\.layers)\.(\d+)\.(.*)", key)
-        if match is None:
-            state[key] = value
-        elif int(match[2]) in keep:
-            state[f"{match[1]}.{keep.index(int(match[2]))}.{match[3]}"] = value
-    student.load_state_dict(state, strict=True)
-    student.generation_config = copy.deepcopy(model.generation_config)
-    return student.to(model.dtype)
+    return config
+
+
+def source_name(name: str, keep: list[int]) -> str:
+    """The name in the source model of tensor ``name`` of a model that kept its layers ``keep``: its layer i is
+    the source's layer ``keep[i]``; embeddings, final norm and head keep their names."""
+    match = _LAYER.match(name)
+    return name if match is None else f"{match[1]}.{keep[int(match[2])]}.{match[3]}"
 
 
 def check_keep(keep: list[int], n: int) -> None:

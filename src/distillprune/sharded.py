@@ -7,9 +7,9 @@ the models it trains (the student) or serves sharded (the teacher), not even whi
 - ZeRO-3: the model is built inside ``deepspeed.zero.Init`` (transformers' ``HfDeepSpeedConfig`` route): each
   parameter is partitioned as it is created and filled, partition by partition, from rank 0's memory-mapped file.
 
-The measurements that need the models before training (validation perplexity of the student and the teacher) are
-then taken by every rank inside the strategy, at the start of ``fit`` (``BeforeTraining``), where the shards
-are gathered layer by layer as in any sharded forward pass.
+What the runners measure of these models before training (validation perplexity; agreement with the teacher and
+task accuracy, by synced generation) is then measured by every rank inside the strategy, at the start of ``fit``
+(``BeforeTraining``), where the shards are gathered layer by layer as in any sharded forward pass.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import re
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,8 +30,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 
 from distillprune.errors import UserError
 from distillprune.evaluation.metrics import perplexity
-from distillprune.hardware import choose_attention, decide, resolve_dtype
-from distillprune.models import DTYPES, check_keep, load_model, load_student, resolve
+from distillprune.hardware import decide
+from distillprune.models import (
+    check_keep,
+    dtype_and_attention,
+    kept_layers_config,
+    load_model,
+    load_student,
+    resolve,
+    source_name,
+)
 from distillprune.ranks import rank_and_world
 
 ZERO3 = ("deepspeed_stage_3", "deepspeed_stage_3_offload")
@@ -100,15 +107,11 @@ def skeleton(
     from accelerate import init_empty_weights
 
     folder = _weights_folder(name)
-    device = torch.device(device)
-    torch_dtype = DTYPES[resolve_dtype(dtype, device, role)]
+    torch_dtype, attention = dtype_and_attention(dtype, attn_implementation, torch.device(device), role)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if keep_layers is not None:
         check_keep(keep_layers, config.num_hidden_layers)
-        config.num_hidden_layers = len(keep_layers)
-        if getattr(config, "layer_types", None):
-            config.layer_types = [config.layer_types[i] for i in keep_layers]
-    attention = choose_attention(attn_implementation, device, torch_dtype, role=role)
+        config = kept_layers_config(config, keep_layers)
     with init_empty_weights(include_buffers=False) if meta else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_config(
             config, dtype=torch_dtype, attn_implementation=attention, trust_remote_code=trust_remote_code
@@ -283,11 +286,7 @@ def _source(model: PreTrainedModel, folder: Path, keep_layers: list[int] | None)
         raise UserError(f"{folder} has no safetensors weights; sharded loading reads only safetensors")
     names = {}
     for name, _ in model.named_parameters():
-        match = re.match(r"(.*\.layers)\.(\d+)\.(.*)", name)
-        if match is not None and keep_layers is not None:
-            name_in_file = f"{match[1]}.{keep_layers[int(match[2])]}.{match[3]}"
-        else:
-            name_in_file = name
+        name_in_file = source_name(name, keep_layers) if keep_layers is not None else name
         if name_in_file not in files:
             raise UserError(
                 f"{folder}: no tensor '{name_in_file}' for {type(model).__name__}; this checkpoint cannot be "

@@ -57,15 +57,16 @@ def kd_loss(cfg: DictConfig) -> Divergence | None:
         raise UserError("system.kd_weight > 0 needs a teacher; set teacher.name or system.kd_weight=0")
     if not uses_teacher:
         return None
-    check_loss_impl(cfg)
-    return instantiate(cfg.loss)
+    return divergence(cfg)
 
 
-def check_loss_impl(cfg: DictConfig) -> None:
-    """An explicit ``system.loss_impl`` that the strategy cannot run is a one-line error before any loading."""
+def divergence(cfg: DictConfig) -> Divergence:
+    """The recipe's ``loss`` divergence; an explicit ``system.loss_impl`` that the strategy cannot run is a
+    one-line error here, before any loading."""
     impl = str(cfg.system.get("loss_impl", "auto"))
     if impl != "auto":
         resolve_loss_impl(str(cfg.trainer.get("strategy", "auto")), impl)
+    return instantiate(cfg.loss)
 
 
 def loss_impl(cfg: DictConfig, loss: Divergence | None) -> str:

@@ -77,7 +77,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     before = None
     if how != "whole":  # the sharded student's answers: every rank, inside fit
         before = sharded.BeforeTraining(
-            lambda _, system: {"student_before": task_accuracy(system.student, tok, eval_views, "student", gen, True)}
+            lambda _, system: {
+                "student_before": task_accuracy(system.student, tok, eval_views, "student", gen, synced=True)
+            }
         )
     files = write_splits(out / "data", {"train": views, "val": [{**v, "answer": v["output"]} for v in eval_views]})
     data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed, source=str(files["train"]), val_source=str(files["val"]))

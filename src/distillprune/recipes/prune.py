@@ -37,7 +37,7 @@ from distillprune.prune.importance import score
 from distillprune.prune.magnitude import check_sparsity, finalize, magnitude_prune, sparsity_of
 from distillprune.prune.surgery import apply, plan, select
 from distillprune.ranks import barrier, rank_and_world
-from distillprune.recipes.common import check_loss_impl, prepare_output_dir, train, write_metrics
+from distillprune.recipes.common import divergence, prepare_output_dir, train, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ log = logging.getLogger(__name__)
 def magnitude_and_recover(cfg: DictConfig) -> dict[str, Any]:
     """Unstructured magnitude pruning to ``prune.sparsity``, KD recovery from the dense model with the masks
     fixed, export; reports the (absent) speed-up honestly by measuring it."""
-    check_loss_impl(cfg)  # cheap checks first
-    loss = instantiate(cfg.loss)
+    loss = divergence(cfg)  # cheap checks first
     run = _setup(cfg, check=lambda model, layers: check_sparsity(cfg.prune.sparsity))
     dense, metrics = _frozen_teacher(copy.deepcopy(run.model)), run.metrics
     t0 = time.perf_counter()
@@ -70,10 +69,7 @@ def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any]) -> dict[str,
     """Calibrate, score and prune once (rank 0), measure, then ``recover`` (``lora_recovery`` or
     ``distill_recovery``), evaluate and export."""
     prune = cfg.prune
-    loss = None
-    if recover is distill_recovery:  # the dense model is the teacher
-        check_loss_impl(cfg)
-        loss = instantiate(cfg.loss)
+    loss = divergence(cfg) if recover is distill_recovery else None  # the dense model is the teacher
     run = _setup(cfg, check=lambda m, layers: plan(m, prune.ratio, layers, prune.gqa, prune.round_to,
                                                    tuple(prune.parts)))  # fmt: skip
     model, metrics = run.model, run.metrics
