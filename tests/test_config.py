@@ -44,6 +44,7 @@ def test_overrides_set_values_with_types() -> None:
         ("system.lr=fast", "system.lr expects float"),
         ("student.keep_layers=3", "student.keep_layers expects list"),
         ("trainer.max_steps=2.5", "trainer.max_steps expects int"),
+        ("data=shakespeare", "data expects mapping, .*; set one of its keys, e.g. data.source=shakespeare"),
         ("loss.beta=0.5", "unknown key 'loss.beta'"),
         ("maxsteps", "is not key=value"),
     ],

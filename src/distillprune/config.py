@@ -235,6 +235,9 @@ def _check_type(key: str, current: Any, value: Any) -> None:
         return
     if want is got or (want is float and got is int):
         return
+    keys = [k for k in current if not str(k).startswith("_")] if want is dict else []  # a group of keys
+    hint = f"; set one of its keys, e.g. {key}.{keys[0]}={value}" if keys else ""
     raise UserError(
         f"{key} expects {_TYPE_NAMES.get(want, want.__name__)}, got {value!r} ({_TYPE_NAMES.get(got, got.__name__)})"
+        + hint
     )
