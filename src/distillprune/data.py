@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from distillprune.assets import package_dir
 from distillprune.errors import UserError
 from distillprune.losses import IGNORE_INDEX
+from distillprune.ranks import barrier, rank_and_world
 
 Document = tuple[str, Any]  # (id, text or row)
 
@@ -84,17 +85,17 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tup
 
 
 def write_splits(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
-    """Write each non-empty split as ``folder/<name>.jsonl`` (atomically); returns the paths written."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in splits.items():
-        if not rows:
-            continue
-        path = folder / f"{name}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
-        paths[name] = path
+    """Write each non-empty split as ``folder/<name>.jsonl`` (atomically); returns the paths written. Every rank
+    calls it with the same rows: rank 0 writes, the others wait for the files (one writer, so no rank replaces a
+    file that another is writing or reading)."""
+    paths = {name: folder / f"{name}.jsonl" for name, rows in splits.items() if rows}
+    if rank_and_world()[0] == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, path in paths.items():
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in splits[name]))
+            os.replace(tmp, path)
+    barrier("the training files")
     return paths
 
 
