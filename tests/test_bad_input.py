@@ -55,6 +55,7 @@ def _cases(a: dict[str, Path], out: Path) -> list[tuple[str, list[str], str]]:
     icl = ["recipe=icl_distill", *icl_overrides(a["model"], out, cache)]
     prune = ["recipe=prune_lora", *prune_overrides(a["model"], a["text"], out)]
     ev = ["recipe=evaluate", f"model.name={a['model']}", f"evaluate.text.source={a['text']}", f"output_dir={out}"]
+    qz = ["recipe=quantize", f"model.name={a['model']}", f"evaluate.text.source={a['text']}", f"output_dir={out}"]
     return [
         ("zero sequence length", [*kd, "data.seq_len=0"], "data.seq_len=0: must be an integer >= 2"),
         ("zero batch size", [*kd, "data.batch_size=0"], "data.batch_size=0: must be an integer >= 1"),
@@ -104,6 +105,12 @@ def _cases(a: dict[str, Path], out: Path) -> list[tuple[str, list[str], str]]:
         ("stride above context", [*ev, "evaluate.text.stride=512"], "evaluate.text.stride=512 must be in 1..context"),
         ("batch size 0 in a list", [*ev, "evaluate.speed.batch_sizes=[0]"], "evaluate.speed.batch_sizes: every entry"),
         ("unknown zero-shot task", [*ev, "evaluate.zero_shot.tasks=[hellaswag]"], "unknown zero-shot task(s)"),
+        ("quantization bits a method lacks", [*qz, "quantize.schemes=[{bits: 16}]"], "quantize bits=16 is not supported by round-to-nearest"),
+        ("a key a scheme does not have", [*qz, "quantize.schemes=[{bit: 4}]"], "quantize scheme {'bit': 4}: unknown key(s) ['bit']"),
+        ("group size that does not divide", [*qz, "quantize.schemes=[{bits: 4, granularity: group, group_size: 48}]"], "quantize group_size=48 does not divide the input width 64 of the hidden size"),
+        ("groups that pruned widths may not fit", [*prune, "quantize.schemes=[{bits: 4, granularity: group, group_size: 32}]"], "quantize group_size=32: the MLP width (prune.round_to=1)"),
+        ("GGUF type that does not exist", [*qz, "quantize.gguf.types=[Q3_X]"], "unknown GGUF type 'Q3_X'; types: F32, F16"),
+        ("GGUF of an architecture it does not know", [*qz, f"model.name={a['gpt2']}"], "quantize.gguf.types: GGUF export knows the Llama family"),
     ]  # fmt: skip
 
 

@@ -34,6 +34,8 @@ END_TO_END = {
     "prune_distill": "tests/test_prune.py::test_prune_recipe_end_to_end",
     "prune_magnitude": "tests/test_prune.py::test_prune_magnitude_end_to_end",
     "evaluate": "tests/test_evaluation.py::test_evaluate_recipe_side_by_side",
+    "quantize": "tests/test_quantize.py::test_quantize_recipe_end_to_end",
+    "compress": "tests/test_quantize.py::test_compress_recipe_end_to_end",
 }
 
 
@@ -62,7 +64,7 @@ def _block_keys_and_comments(text: str, block: str) -> list[tuple[str, str]]:
     return rows
 
 
-@pytest.mark.parametrize("block", ["trainer", "evaluate", "checkpoint", "logger"])
+@pytest.mark.parametrize("block", ["trainer", "evaluate", "quantize", "checkpoint", "logger"])
 def test_shared_blocks_have_the_same_keys_and_comments_in_every_recipe(block: str) -> None:
     found = {name: _block_keys_and_comments((RECIPES_DIR / f"{name}.yaml").read_text(), block)
              for name in available_recipes()}  # fmt: skip

@@ -4,6 +4,7 @@ strided windows), parameter and FLOP counts, agreement scores."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,7 +34,18 @@ def perplexity(model: PreTrainedModel, loader: DataLoader) -> dict[str, float]:
 
 @torch.no_grad()
 def strided_perplexity(model: PreTrainedModel, ids: torch.Tensor, context: int, stride: int) -> dict[str, float]:
-    """Perplexity of one long token stream scored in windows of ``context`` tokens moved by ``stride``.
+    """Perplexity of one long token stream scored by ``model`` in windows of ``context`` tokens moved by
+    ``stride`` (``windowed_perplexity``)."""
+    with eval_mode(model), torch.no_grad():
+        device = next(model.parameters()).device
+        return windowed_perplexity(lambda w: model(input_ids=w.to(device)).logits, ids, context, stride)
+
+
+def windowed_perplexity(
+    logits_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, context: int, stride: int
+) -> dict[str, float]:
+    """Perplexity of one long token stream scored in windows of ``context`` tokens moved by ``stride``;
+    ``logits_of`` maps a window [1, W] to its logits [1, W, V] (a Hugging Face model, or llama.cpp).
 
     Each token is scored once: the first window scores all of its tokens, each later window only its last
     ``stride`` (each of which sees at least ``context - stride`` tokens before it). With ``stride == context``
@@ -42,22 +54,21 @@ def strided_perplexity(model: PreTrainedModel, ids: torch.Tensor, context: int, 
         raise UserError(f"evaluate.text.stride={stride} must be in 1..context ({context})")
     if ids.numel() < 2:
         raise UserError("evaluate.text: the held-out text is shorter than 2 tokens")
-    with eval_mode(model):
-        device = next(model.parameters()).device
-        ids = ids.reshape(-1)
-        total, count, start = torch.zeros((), dtype=torch.float64), 0, 0
-        while True:
-            end = min(start + context, ids.numel())
-            window = ids[start:end].unsqueeze(0).to(device)  # [1, W]
-            labels = window.clone()
-            if start > 0:
-                labels[:, : context - stride] = IGNORE_INDEX  # already scored by the window before
-            nll, n = token_nll(model(input_ids=window).logits, labels)  # logits: [1, W, V]
-            total += nll.double().cpu()
-            count += int(n)
-            if end == ids.numel():
-                break
-            start += stride
+    ids = ids.reshape(-1)
+    total, count, start = torch.zeros((), dtype=torch.float64), 0, 0
+    while True:
+        end = min(start + context, ids.numel())
+        window = ids[start:end].unsqueeze(0)  # [1, W]
+        labels = window.clone()
+        if start > 0:
+            labels[:, : context - stride] = IGNORE_INDEX  # already scored by the window before
+        logits = logits_of(window)  # [1, W, V]
+        nll, n = token_nll(logits, labels.to(logits.device))
+        total += nll.double().cpu()
+        count += int(n)
+        if end == ids.numel():
+            break
+        start += stride
     loss = total.item() / max(count, 1)
     return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50.0)), 3), "tokens": count}
 

@@ -93,6 +93,56 @@ def plot_sweep(rows: list[dict[str, float]], folder: Path) -> Path:
     return _save(fig, folder / "pruning_sweep.png")
 
 
+def plot_quantization(rows: list[dict[str, Any]], folder: Path) -> Path:
+    """``quantization.png``: perplexity against file size, one point per format (the unquantized model, each
+    scheme, each GGUF type)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r.get("ppl") is not None:
+            ax.plot(r["file_mb"], r["ppl"], "o" if r["format"].startswith("gguf") else "s", label=r["name"])
+    ax.set(xlabel="file size (MB)", ylabel="perplexity (held-out)", title="quantization: perplexity against size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, folder / "quantization.png")
+
+
+def quantization_rows(evaluated: dict[str, Any], table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per format: file MB, weights in memory, batch-1 tokens/s, PPL and mean zero-shot accuracy (GGUF
+    rows: PPL and tokens/s under llama.cpp, when it ran)."""
+    rows = []
+    for name, info in table.items():
+        e = evaluated.get(name, info)
+        zero_shot = [t["acc"] for t in e.get("zero_shot", {}).values()]
+        rows.append({
+            "name": name,
+            "format": info["format"],
+            "file_mb": round(info["file_bytes"] / 2**20, 2),
+            "weights_mb": e.get("weights_mb", round(info["file_bytes"] / 2**20, 1) if "gguf" in name else None),
+            "tokens_per_s": _get(e, ("speed", "1", "tokens_per_s")),
+            "ppl": _get(e, ("perplexity", "ppl")),
+            "zero_shot": round(sum(zero_shot) / len(zero_shot), 4) if zero_shot else None,
+            "types": info.get("tensor_types"),
+        })  # fmt: skip
+    return rows
+
+
+def quantization_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The quantization section of ``report.md``: the rows as a markdown table (its plot follows with the others)."""
+    lines = ["## quantization", "", "Hugging Face rows run in PyTorch (quantized weights dequantized on load, so "
+             "they take the memory of their dtype); GGUF rows run in llama.cpp (weights in memory ~ the file). "
+             "Tokens/s: greedy, batch 1.", ""]  # fmt: skip
+    lines += ["| format | file MB | weights MB | tokens/s (b1) | PPL | zero-shot acc | tensor types |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for r in rows:
+        types = ", ".join(f"{k} {v}" for k, v in (r["types"] or {}).items())
+        lines.append(
+            f"| {r['name']} ({r['format']}) | {r['file_mb']:.1f} | {_fmt(r['weights_mb'], '{:.0f}')} | "
+            f"{_fmt(r['tokens_per_s'], '{:.1f}')} | {_fmt(r['ppl'], '{:.2f}')} | {_fmt(r['zero_shot'], '{:.3f}')} | "
+            f"{types} |"
+        )
+    return lines
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -142,8 +192,10 @@ def write_report(
     plots: dict[str, Path],
     notes: list[str],
     sweep: list[dict[str, float]] | None = None,
+    sections: list[str] | None = None,
 ) -> Path:
-    """Write ``out/report.md`` (atomically): settings, the comparison table, notes, the sweep and the plots."""
+    """Write ``out/report.md`` (atomically): settings, the comparison table, notes, the sweep, further
+    ``sections`` (markdown lines) and the plots."""
     s = evaluation["settings"]
     lines = [f"# {title}", ""]
     lines += [
@@ -177,6 +229,8 @@ def write_report(
             f"{r['tokens_per_s']:.1f} |"
             for r in sweep
         ]
+    if sections:
+        lines += ["", *sections]
     for name, path in plots.items():
         lines += ["", f"## {name.replace('_', ' ')}", "", f"![{name}]({path.relative_to(out).as_posix()})"]
     path = out / "report.md"

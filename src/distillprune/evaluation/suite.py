@@ -22,8 +22,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.data import document_text, load_documents, split_documents
 from distillprune.errors import UserError
+from distillprune.evaluation import quantized
 from distillprune.evaluation.metrics import count_params, flops_per_token, strided_perplexity
-from distillprune.evaluation.report import log_to_wandb, plot_sweep, plot_training, plot_widths, write_report
+from distillprune.evaluation.report import (
+    log_to_wandb,
+    plot_quantization,
+    plot_sweep,
+    plot_training,
+    plot_widths,
+    quantization_rows,
+    quantization_table,
+    write_report,
+)
 from distillprune.evaluation.speed import generation_speed, weights_mb
 from distillprune.evaluation.zeroshot import run_zero_shot
 
@@ -111,16 +121,28 @@ def evaluate_stage(
 ) -> None:
     """A recipe's last stage: evaluate ``models`` side by side into ``metrics["evaluation"]`` and write
     ``report.md`` with the plots of the run (training curves, widths, sweep) next to it."""
-    ev = cfg.evaluate
+    ev, q = cfg.evaluate, cfg.get("quantize")
+    table: dict[str, dict[str, Any]] = {}
+    if quantized.wanted(q):  # the last model (the trained one) beside its quantized copies
+        label, last = list(models.items())[-1]
+        extra, table = quantized.copies(q, label, last, tok, out)
+        models = {**models, **extra}
     ids = held_out_ids(ev, tok, cfg.get("data"), cfg.seed)
     metrics["evaluation"] = evaluate_models(models, tok, ev, ids, out, cfg.seed)
     plots = plot_training(out / "logs" / "metrics.csv", out / "report")
+    sections = []
+    if table:
+        quantized.gguf_rows(q, ev, last, tok, out, ids, table)
+        metrics["quantization"] = table
+        rows = quantization_rows(metrics["evaluation"]["models"], table)
+        plots["quantization"] = plot_quantization(rows, out / "report")
+        sections = quantization_table(rows)
     if metrics.get("widths"):
         plots["layer_widths"] = plot_widths(metrics["widths_dense"], metrics["widths"], out / "report")
     if metrics.get("sweep"):
         plots["pruning_sweep"] = plot_sweep(metrics["sweep"], out / "report")
     notes = [f"{k}: {v}" for k, v in metrics.items() if k in ("steps", "speedup", "sparsity", "prune_s")]
-    write_report(out, f"{cfg.recipe}: {out.name}", metrics["evaluation"], plots, notes, metrics.get("sweep"))
+    write_report(out, f"{cfg.recipe}: {out.name}", metrics["evaluation"], plots, notes, metrics.get("sweep"), sections)
     log_to_wandb(loggers or [], metrics["evaluation"], plots)
 
 

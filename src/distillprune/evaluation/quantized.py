@@ -1,0 +1,113 @@
+"""The quantization part of a recipe's last stage: a model's quantized copies, measured beside it.
+
+A recipe with a ``quantize`` block (the ``quantize`` and ``compress`` recipes; any training recipe where the
+block lists something) gets, for the last model of its evaluation (the student, or the recovered model):
+
+- ``copies``: the model cast to each of ``quantize.dtypes`` and rounded to each scheme (round-to-nearest, every
+  decoder linear layer, ``distillprune.quant``), each scheme saved as a compressed-tensors folder vLLM serves
+  (``output_dir/quantized/<scheme>/``); they join the side-by-side evaluation;
+- ``gguf_rows``: GGUF files for llama.cpp (``output_dir/gguf/``), measured under llama.cpp (PPL of the same
+  held-out windows, batch-1 tokens/s) when llama-cpp-python is installed;
+- ``table``: one row per format (file size, weights in memory, tokens/s, PPL, zero-shot) for ``metrics.json``,
+  the report and its plot.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distillprune.errors import UserError
+from distillprune.evaluation import llamacpp
+from distillprune.hardware import decide
+from distillprune.quant.gguf import export_gguf
+from distillprune.quant.model import quantize_model, save_compressed, stored_bytes, targets
+from distillprune.quant.settings import Scheme, check_type
+
+
+def wanted(q: DictConfig | None) -> bool:
+    """Whether a recipe's ``quantize`` block asks for anything."""
+    return q is not None and bool(list(q.dtypes) or list(q.schemes) or list(q.gguf.types))
+
+
+def copies(
+    q: DictConfig, label: str, model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: Path
+) -> tuple[dict[str, PreTrainedModel], dict[str, dict[str, Any]]]:
+    """The quantized copies of ``model`` (named by dtype or scheme) and the first rows of the table."""
+    schemes = [Scheme.of(dict(s)) for s in q.schemes]
+    for t in q.gguf.types:  # every bad setting fails before the first file is written
+        check_type(str(t))
+    layers = targets(model, tuple(q.ignore))
+    for scheme in schemes:
+        for name, linear in layers.items():
+            scheme.check(name, linear.weight.shape)
+    llama_cpp_decision(str(q.gguf.llama_cpp))
+    models: dict[str, PreTrainedModel] = {}
+    table = {label: {"format": "safetensors", "file_bytes": stored_bytes(model, {})}}
+    for dtype in q.dtypes:
+        models[str(dtype)] = copy.deepcopy(model).to(getattr(torch, str(dtype)))
+        table[str(dtype)] = {"format": "safetensors", "file_bytes": stored_bytes(models[str(dtype)], {})}
+    for scheme in schemes:
+        quantized = copy.deepcopy(model)
+        grids = quantize_model(quantized, scheme, tuple(q.ignore))
+        row: dict[str, Any] = {"format": "compressed-tensors", "file_bytes": stored_bytes(quantized, grids)}
+        row["weight_rel_error"] = _weight_error(model, quantized, grids)
+        if q.save:
+            folder = save_compressed(quantized, tok, grids, scheme, out / "quantized" / scheme.name)
+            row |= {"folder": str(folder), "file_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
+        models[scheme.name] = quantized
+        table[scheme.name] = row
+    return models, table
+
+
+def gguf_rows(
+    q: DictConfig,
+    ev: DictConfig,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    out: Path,
+    ids: torch.Tensor,
+    table: dict[str, dict[str, Any]],
+) -> None:
+    """Export ``model`` as each of ``q.gguf.types`` and add a row per file (measured under llama.cpp if it ran)."""
+    measure = llama_cpp_decision(str(q.gguf.llama_cpp))
+    stem = Path(str(model.config._name_or_path or "model")).name
+    for t in q.gguf.types:
+        info = export_gguf(model, tok, out / "gguf" / f"{stem}-{t}.gguf", str(t), name=stem)
+        row = {"format": f"gguf, {info['architecture']}", "file_bytes": info["bytes"], **info}
+        if measure:
+            runner = llamacpp.LlamaCpp(Path(info["file"]), ev.text.context)
+            row["perplexity"] = runner.perplexity(ids, ev.text.context, ev.text.stride)
+            prompt = ids[: ev.speed.prompt_tokens].tolist()
+            row["speed"] = {"1": runner.speed(prompt, ev.speed.new_tokens, ev.speed.repeats)}
+        table[f"gguf-{t}"] = row
+
+
+def llama_cpp_decision(setting: str) -> bool:
+    """Whether the GGUF files are run by llama.cpp: ``auto`` when llama-cpp-python is installed."""
+    if setting == "auto":
+        have = llamacpp.available()
+        why = "llama-cpp-python is installed" if have else "llama-cpp-python is not installed (`make bench`)"
+        return decide("gguf_llama_cpp", "measure" if have else "skip", why) == "measure"
+    if setting in ("true", "True"):
+        if not llamacpp.available():
+            raise UserError("quantize.gguf.llama_cpp=true needs llama-cpp-python (pip install llama-cpp-python)")
+        return True
+    if setting in ("false", "False"):
+        return False
+    raise UserError(f"quantize.gguf.llama_cpp={setting!r}; choose auto, true or false")
+
+
+def _weight_error(model: PreTrainedModel, quantized: PreTrainedModel, grids: dict) -> float:
+    """||W - W'|| / ||W|| over every quantized weight together."""
+    num = den = 0.0
+    for name in grids:
+        w = model.get_submodule(name).weight.detach().float()
+        num += (w - quantized.get_submodule(name).weight.detach().float()).pow(2).sum().item()
+        den += w.pow(2).sum().item()
+    return round((num / max(den, 1e-30)) ** 0.5, 5)

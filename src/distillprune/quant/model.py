@@ -1,0 +1,136 @@
+"""A whole model on a grid: every linear layer of the decoder rounded (``quantize_model``), then saved as a
+compressed-tensors folder (``save_compressed``): packed integers plus scales and zero points, the format that vLLM
+serves and that transformers loads (``from_pretrained`` with compressed-tensors installed) back to the same weights.
+
+Embeddings, norms and the output layer stay in the model's dtype (``ignore``), as GPTQ/AWQ checkpoints keep them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distillprune.errors import UserError
+from distillprune.quant.rtn import Quantized, quantize
+from distillprune.quant.settings import Scheme
+
+
+def targets(model: PreTrainedModel, ignore: tuple[str, ...] = ("lm_head",)) -> dict[str, nn.Linear]:
+    """The linear layers that get quantized: every ``nn.Linear`` whose name is not (under) one in ``ignore``."""
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not any(name == i or name.startswith(f"{i}.") for i in ignore)
+    }
+    if not found:
+        raise UserError(f"nothing to quantize: no linear layers outside {list(ignore)}")
+    return found
+
+
+def quantize_model(model: PreTrainedModel, scheme: Scheme, ignore: tuple[str, ...] = ("lm_head",)) -> dict:
+    """Round every target's weight to ``scheme``'s grid in place (the weights become the dequantized values, so
+    the model runs as it will after loading); returns ``{name: Quantized}`` for saving."""
+    layers = targets(model, ignore)
+    for name, linear in layers.items():
+        scheme.check(name, linear.weight.shape)  # every layer before any is changed
+    done = {}
+    with torch.no_grad():
+        for name, linear in layers.items():
+            q = quantize(linear.weight, scheme, name)
+            linear.weight.copy_(q.dequantize(linear.weight.dtype))
+            done[name] = q
+    return done
+
+
+def stored_bytes(model: PreTrainedModel, quantized: dict[str, Quantized]) -> int:
+    """Bytes of the weights as stored: ``bits`` per quantized integer plus its scales (and zero points), every
+    other tensor at its dtype (a tied embedding once)."""
+    seen, total = set(), 0
+    skip = {f"{name}.weight" for name in quantized}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if name in skip or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    for q in quantized.values():
+        total += q.q.numel() * q.scheme.bits // 8 + q.scale.numel() * 4
+        total += 0 if q.scheme.symmetric else q.zero.numel() * q.scheme.bits // 8
+    return total
+
+
+def save_compressed(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    quantized: dict[str, Quantized],
+    scheme: Scheme,
+    out: Path,
+) -> Path:
+    """Save a ``quantize_model``-ed model as a compressed-tensors folder (atomically: written beside ``out``, then
+    renamed). The integers and scales written are exactly ``quantized``'s, so loading gives the same weights."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+
+    args = QuantizationArgs(
+        num_bits=scheme.bits,
+        type="int",
+        symmetric=scheme.symmetric,
+        strategy=scheme.granularity,
+        group_size=scheme.group_size if scheme.granularity == "group" else None,
+    )
+    names = sorted(quantized)
+    config = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=[f"re:^{re.escape(n)}$" for n in names], weights=args)},
+        quantization_status=QuantizationStatus.FROZEN,
+    )
+    copy = _copy(model)
+    apply_quantization_config(copy, config, show_progress=False)
+    # compressed-tensors' integers are signed: an unsigned grid [0, 2^b - 1] with zero z is [-2^(b-1), ...] with
+    # zero z - 2^(b-1), the same weights (q - z) * scale
+    offset = 0 if scheme.symmetric else 2 ** (scheme.bits - 1)
+    with torch.no_grad():
+        for name in names:
+            module, q = copy.get_submodule(name), quantized[name]
+            module.weight_scale.copy_(q.scale.reshape(module.weight_scale.shape))
+            if hasattr(module, "weight_zero_point"):
+                zero = (q.zero.to(torch.int32) - offset).reshape(module.weight_zero_point.shape)
+                module.weight_zero_point.copy_(zero.to(module.weight_zero_point.dtype))
+            module.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(copy)
+    compressor.compress_model(copy)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy.save_pretrained(tmp)
+    compressor.update_config(str(tmp))
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def load_compressed(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A compressed-tensors folder loaded as transformers does, its weights dequantized into plain linears."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+
+
+def _copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A separate model with the same config and weights (compression replaces the copy's parameters)."""
+    clone = type(model)(model.config)
+    clone.load_state_dict(model.state_dict())
+    return clone.to(model.dtype).eval()
