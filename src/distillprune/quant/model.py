@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.errors import UserError
-from distillprune.quant.rtn import Quantized, quantize
+from distillprune.quant.rtn import Quantized, fake_quantize, quantize
 from distillprune.quant.settings import Scheme
 
 
@@ -134,3 +134,38 @@ def _copy(model: PreTrainedModel) -> PreTrainedModel:
     clone = type(model)(model.config)
     clone.load_state_dict(model.state_dict())
     return clone.to(model.dtype).eval()
+
+
+class _FakeQuantized(nn.Module):
+    """A weight parametrization: the weight on ``scheme``'s grid forward, the gradient straight through."""
+
+    def __init__(self, scheme: Scheme) -> None:
+        super().__init__()
+        self.scheme = scheme
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(weight, self.scheme)
+
+
+def train_fake_quantized(model: PreTrainedModel, scheme: Scheme, ignore: tuple[str, ...] = ("lm_head",)) -> int:
+    """Quantization-aware training: from now on every target's weight is used on ``scheme``'s grid (the float
+    weights underneath get the straight-through gradient); returns how many layers. ``end_fake_quantized``
+    undoes it, leaving the trained float weights, which ``quantize_model`` with the same scheme rounds to
+    exactly the weights the training used."""
+    from torch.nn.utils import parametrize
+
+    layers = targets(model, ignore)
+    for name, linear in layers.items():
+        scheme.check(name, linear.weight.shape)
+    for linear in layers.values():
+        parametrize.register_parametrization(linear, "weight", _FakeQuantized(scheme))
+    return len(layers)
+
+
+def end_fake_quantized(model: nn.Module) -> None:
+    """Remove ``train_fake_quantized``'s parametrizations, keeping the float weights they were computed from."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

@@ -123,3 +123,19 @@ def quantized_widths(config: dict, prune: Any = None) -> tuple[dict[str, int], d
         free[f"the attention output (heads of {head_dim})"] = head_dim
         widths.pop("the attention output")
     return {k: v for k, v in widths.items() if v}, free
+
+
+def check_aware(q: Any, cfg: Any) -> Scheme | None:
+    """``quantize.aware``: the scheme a training recipe trains its model fake-quantized on (None: off)."""
+    aware = q.get("aware")
+    if aware is None:
+        return None
+    scheme = Scheme.of(dict(aware))
+    if cfg.get("trainer") is None:
+        raise UserError("quantize.aware trains on a grid: it needs a training recipe (compress, logit_distill, ...)")
+    if cfg.get("lora") is not None:
+        raise UserError("quantize.aware trains the whole model; this recipe trains LoRA adapters (use compress)")
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if strategy == "fsdp" or strategy.startswith("deepspeed_stage_3"):
+        raise UserError(f"quantize.aware runs on whole weights; trainer.strategy={strategy} shards them (use ddp)")
+    return scheme

@@ -34,6 +34,8 @@ from distillprune.evaluation.report import comparison_rows
 from distillprune.hardware import decisions, resolve_precision
 from distillprune.losses import Divergence
 from distillprune.models import load_model
+from distillprune.quant.model import end_fake_quantized, train_fake_quantized
+from distillprune.quant.settings import check_aware
 from distillprune.strategies import build_strategy, resolve_loss_impl, trained_student
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,10 @@ def train(
     Returns the trainer, the system, the seconds of fit and the trained student as one plain model: on global rank
     0 only (gathered from the shards under ZeRO-3 / FSDP); None on the other ranks, whose work ends here."""
     overrides = {"loss_impl": loss_impl(cfg, loss), **(system_overrides or {})}
+    aware = check_aware(cfg.quantize, cfg) if cfg.get("quantize") is not None else None
+    if aware is not None:  # quantization-aware: the student trains on the grid its quantized copy will have
+        n = train_fake_quantized(student, aware, tuple(cfg.quantize.ignore))
+        log.info("quantization-aware training: %d linear layers fake-quantized to %s", n, aware.name)
     system = instantiate(cfg.system, student=student, teacher=teacher, loss=loss, seed=cfg.seed, **overrides)
     ckpt_path = resolve_resume(cfg.resume, out / "checkpoints")  # once per training run (validation checked it)
     trainer = build_trainer(cfg, out, callbacks, resumed=ckpt_path is not None)
@@ -112,6 +118,10 @@ def train(
         requeued = True
     # a collective: every rank takes part (or none, when the job was checkpointed for its requeued attempt)
     student = None if requeued else trained_student(trainer, system.student)
+    if aware is not None:  # the float weights the grid was computed from; quantize rounds them as trained
+        end_fake_quantized(system.student)
+        if student is not None:
+            end_fake_quantized(student)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # the other ranks are done; one left open can abort at exit
     if requeued:
