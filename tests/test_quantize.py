@@ -171,6 +171,15 @@ def test_gguf_files_load_in_transformers_as_the_model(tiny_model_dir: Path, tmp_
     }
 
 
+def test_an_untied_output_layer_is_written_as_its_own_tensor(tiny_tokenizer, tmp_path: Path) -> None:
+    folder = make_tiny_model(tmp_path / "untied", tiny_tokenizer, tie_word_embeddings=False, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    info = export_gguf(model, tiny_tokenizer, tmp_path / "u.gguf", "F32")
+    assert sum(info["tensor_types"].values()) == 39  # token_embd, 4 x 9 per layer, output_norm, output
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="u.gguf", dtype=torch.float32)
+    torch.testing.assert_close(back(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+
+
 def _per_layer_pruned(tiny_model_dir: Path) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     keep = {  # 4 heads / 2 KV heads / 128 channels -> different widths in layers 1 and 2
