@@ -275,7 +275,7 @@ def test_quantize_recipe_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert metrics["auto"]["gguf_llama_cpp"]["choice"] == ("measure" if llamacpp.available() else "skip")
     report = (out / "report.md").read_text()
     assert "## quantization" in report and "| int4-g32 (compressed-tensors) |" in report
-    assert (out / "report" / "quantization.png").stat().st_size > 1000
+    assert (out / "report" / "quantization.png").stat().st_size > 1000 and "## perplexity against size" in report
     assert np.isfinite(ppl["int4-g32"])
 
 

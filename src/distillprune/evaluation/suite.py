@@ -135,7 +135,7 @@ def evaluate_stage(
         quantized.gguf_rows(q, ev, last, tok, out, ids, table)
         metrics["quantization"] = table
         rows = quantization_rows(metrics["evaluation"]["models"], table)
-        plots["quantization"] = plot_quantization(rows, out / "report")
+        plots["perplexity_against_size"] = plot_quantization(rows, out / "report")
         sections = quantization_table(rows)
     if metrics.get("widths"):
         plots["layer_widths"] = plot_widths(metrics["widths_dense"], metrics["widths"], out / "report")
