@@ -336,3 +336,18 @@ def test_quantization_aware_distillation_exports_the_weights_its_int4_copy_was_t
     with pytest.raises(AssertionError, match="quantize.aware trains the whole model"):
         run_train("recipe=prune_lora", *prune_overrides(tiny_model_dir, tiny_text_file, tmp_path / "lora"),
                   f"quantize.aware={scheme}")  # fmt: skip
+
+
+def test_the_llama_cpp_setting_is_checked_with_the_rest_of_the_block() -> None:
+    from omegaconf import OmegaConf
+
+    from distillprune.quant.settings import check_block
+
+    block = lambda run: OmegaConf.create({"schemes": [], "gguf": {"types": ["F16"], "llama_cpp": run}})
+    for run in ("auto", True, False):
+        check_block(block(run), {}, {})
+    with pytest.raises(UserError, match="quantize.gguf.llama_cpp='maybe'; choose auto, true or false"):
+        check_block(block("maybe"), {}, {})
+    if not llamacpp.available():
+        with pytest.raises(UserError, match="llama_cpp=true needs llama-cpp-python"):
+            check_block(block(True), {}, {})

@@ -60,7 +60,10 @@ def check_devices(accelerator: str, devices: int | str) -> None:
 
 def run_device(accelerator: str = "auto", cuda_available: bool | None = None) -> torch.device:
     """The device this process trains on, and where it loads models for the work before and after ``fit``
-    (generation, calibration, perplexity, evaluation): its local rank's GPU, or the CPU."""
+    (generation, calibration, perplexity, evaluation): its local rank's GPU, or the CPU; a device named
+    outright (``cuda:1``, where a recipe takes a ``device``) is used as it is."""
+    if accelerator not in ("auto", "cpu", "cuda", "gpu"):
+        return torch.device(accelerator)
     if uses_cuda(accelerator, cuda_available):
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", rank)

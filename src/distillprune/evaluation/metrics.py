@@ -36,7 +36,7 @@ def perplexity(model: PreTrainedModel, loader: DataLoader) -> dict[str, float]:
 def strided_perplexity(model: PreTrainedModel, ids: torch.Tensor, context: int, stride: int) -> dict[str, float]:
     """Perplexity of one long token stream scored by ``model`` in windows of ``context`` tokens moved by
     ``stride`` (``windowed_perplexity``)."""
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model):
         device = next(model.parameters()).device
         return windowed_perplexity(lambda w: model(input_ids=w.to(device)).logits, ids, context, stride)
 

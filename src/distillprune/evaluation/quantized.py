@@ -22,12 +22,11 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distillprune.errors import UserError
 from distillprune.evaluation import llamacpp
 from distillprune.hardware import decide
 from distillprune.quant.gguf import export_gguf
-from distillprune.quant.model import quantize_model, save_compressed, stored_bytes, targets
-from distillprune.quant.settings import Scheme, check_type
+from distillprune.quant.model import checked_targets, quantize_model, save_compressed, stored_bytes
+from distillprune.quant.settings import Scheme
 
 
 def wanted(q: DictConfig | None) -> bool:
@@ -40,13 +39,8 @@ def copies(
 ) -> tuple[dict[str, PreTrainedModel], dict[str, dict[str, Any]]]:
     """The quantized copies of ``model`` (named by dtype or scheme) and the first rows of the table."""
     schemes = [Scheme.of(dict(s)) for s in q.schemes]
-    for t in q.gguf.types:  # every bad setting fails before the first file is written
-        check_type(str(t))
-    layers = targets(model, tuple(q.ignore))
-    for scheme in schemes:
-        for name, linear in layers.items():
-            scheme.check(name, linear.weight.shape)
-    llama_cpp_decision(str(q.gguf.llama_cpp))
+    for scheme in schemes:  # every scheme fits every layer before the first file is written (the settings
+        checked_targets(model, scheme, tuple(q.ignore))  # themselves were checked by validate)
     models: dict[str, PreTrainedModel] = {}
     table = {label: {"format": "safetensors", "file_bytes": stored_bytes(model, {})}}
     for dtype in q.dtypes:
@@ -89,18 +83,13 @@ def gguf_rows(
 
 
 def llama_cpp_decision(setting: str) -> bool:
-    """Whether the GGUF files are run by llama.cpp: ``auto`` when llama-cpp-python is installed."""
+    """Whether the GGUF files are run by llama.cpp: ``auto`` when llama-cpp-python is installed (the setting and
+    ``true``'s need of llama-cpp-python were checked by validate)."""
     if setting == "auto":
         have = llamacpp.available()
         why = "llama-cpp-python is installed" if have else "llama-cpp-python is not installed (`make bench`)"
         return decide("gguf_llama_cpp", "measure" if have else "skip", why) == "measure"
-    if setting in ("true", "True"):
-        if not llamacpp.available():
-            raise UserError("quantize.gguf.llama_cpp=true needs llama-cpp-python (pip install llama-cpp-python)")
-        return True
-    if setting in ("false", "False"):
-        return False
-    raise UserError(f"quantize.gguf.llama_cpp={setting!r}; choose auto, true or false")
+    return setting in ("true", "True")
 
 
 def _weight_error(model: PreTrainedModel, quantized: PreTrainedModel, grids: dict) -> float:

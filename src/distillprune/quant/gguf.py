@@ -48,17 +48,16 @@ def export_gguf(
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     if qtype in LLAMA_CPP_TYPES:  # llama.cpp quantizes an F16 file of ours
         f16 = path.with_name(f"{path.name}.f16.{os.getpid()}.tmp")
-        _write(model, tokenizer, f16, "F16", name)
+        arch = _write(model, tokenizer, f16, "F16", name)
         _llama_cpp_quantize(f16, tmp, LLAMA_CPP_TYPES[qtype])
         f16.unlink()
     else:
-        _write(model, tokenizer, tmp, qtype, name)
+        arch = _write(model, tokenizer, tmp, qtype, name)
     os.replace(tmp, path)
-    widths = layer_widths(model)
     return {
         "file": str(path),
         "type": qtype,
-        "architecture": "llama" if _uniform(widths) else "deci",
+        "architecture": arch,
         "bytes": path.stat().st_size,
         "tensor_types": tensor_types(path),
     }
@@ -71,7 +70,8 @@ def tensor_types(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(t.tensor_type.name for t in GGUFReader(path).tensors).items()))
 
 
-def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, qtype: str, name: str) -> None:
+def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, qtype: str, name: str) -> str:
+    """Write the file; returns its architecture (``llama`` or ``deci``)."""
     import gguf
 
     config, widths, hd = model.config, layer_widths(model), head_dim(model)
@@ -104,6 +104,7 @@ def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Pat
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return arch
 
 
 def _rope_theta(config: Any) -> float:

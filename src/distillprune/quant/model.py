@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -33,12 +34,18 @@ def targets(model: PreTrainedModel, ignore: tuple[str, ...] = ("lm_head",)) -> d
     return found
 
 
+def checked_targets(model: PreTrainedModel, scheme: Scheme, ignore: tuple[str, ...] = ("lm_head",)) -> dict:
+    """``targets``, each checked against ``scheme`` (groups tile its input width) before any is changed."""
+    layers = targets(model, ignore)
+    for name, linear in layers.items():
+        scheme.check(name, linear.weight.shape)
+    return layers
+
+
 def quantize_model(model: PreTrainedModel, scheme: Scheme, ignore: tuple[str, ...] = ("lm_head",)) -> dict:
     """Round every target's weight to ``scheme``'s grid in place (the weights become the dequantized values, so
     the model runs as it will after loading); returns ``{name: Quantized}`` for saving."""
-    layers = targets(model, ignore)
-    for name, linear in layers.items():
-        scheme.check(name, linear.weight.shape)  # every layer before any is changed
+    layers = checked_targets(model, scheme, ignore)
     done = {}
     with torch.no_grad():
         for name, linear in layers.items():
@@ -94,7 +101,7 @@ def save_compressed(
         config_groups={"group_0": QuantizationScheme(targets=[f"re:^{re.escape(n)}$" for n in names], weights=args)},
         quantization_status=QuantizationStatus.FROZEN,
     )
-    copy = _copy(model)
+    copy = deepcopy(model).eval()  # compression replaces the copy's parameters
     apply_quantization_config(copy, config, show_progress=False)
     # compressed-tensors' integers are signed: an unsigned grid [0, 2^b - 1] with zero z is [-2^(b-1), ...] with
     # zero z - 2^(b-1), the same weights (q - z) * scale
@@ -129,13 +136,6 @@ def load_compressed(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrai
     )
 
 
-def _copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A separate model with the same config and weights (compression replaces the copy's parameters)."""
-    clone = type(model)(model.config)
-    clone.load_state_dict(model.state_dict())
-    return clone.to(model.dtype).eval()
-
-
 class _FakeQuantized(nn.Module):
     """A weight parametrization: the weight on ``scheme``'s grid forward, the gradient straight through."""
 
@@ -154,9 +154,7 @@ def train_fake_quantized(model: PreTrainedModel, scheme: Scheme, ignore: tuple[s
     exactly the weights the training used."""
     from torch.nn.utils import parametrize
 
-    layers = targets(model, ignore)
-    for name, linear in layers.items():
-        scheme.check(name, linear.weight.shape)
+    layers = checked_targets(model, scheme, ignore)
     for linear in layers.values():
         parametrize.register_parametrization(linear, "weight", _FakeQuantized(scheme))
     return len(layers)

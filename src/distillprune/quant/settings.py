@@ -87,6 +87,11 @@ def check_block(q: Any, widths: dict[str, int], free: dict[str, int], model_type
     change, ``{what: the multiple they keep}``: 1 means any width)."""
     for t in q.gguf.types:
         check_type(str(t))
+    run = str(q.gguf.llama_cpp)
+    if run not in ("auto", "true", "True", "false", "False"):
+        raise UserError(f"quantize.gguf.llama_cpp={run!r}; choose auto, true or false")
+    if run in ("true", "True") and importlib.util.find_spec("llama_cpp") is None:
+        raise UserError("quantize.gguf.llama_cpp=true needs llama-cpp-python (pip install llama-cpp-python)")
     if list(q.gguf.types) and model_type is not None and model_type not in GGUF_FAMILIES:
         raise UserError(
             f"quantize.gguf.types: GGUF export knows the Llama family ({', '.join(GGUF_FAMILIES)}), not {model_type!r}"

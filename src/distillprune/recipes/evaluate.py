@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from distillprune.evaluation.suite import evaluate_stage
@@ -22,7 +21,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out = prepare_output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    device = run_device(str(cfg.device)) if cfg.device in ("auto", "cpu", "cuda", "gpu") else torch.device(cfg.device)
+    device = run_device(str(cfg.device))
     models = {}
     if cfg.baseline:
         models[f"baseline: {cfg.baseline}"] = load_model(**{**cfg.model, "name": cfg.baseline}, device=device)

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from distillprune.assets import ALIASES
@@ -23,7 +22,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out = prepare_output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    device = run_device(str(cfg.device)) if cfg.device in ("auto", "cpu", "cuda", "gpu") else torch.device(cfg.device)
+    device = run_device(str(cfg.device))
     model = load_model(**cfg.model, device=device).eval()
     tok = load_tokenizer(cfg.model.name)
     metrics: dict[str, Any] = {"source": source(str(cfg.model.name))}
