@@ -16,15 +16,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded in the tes
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import (
+from transformers import (  # noqa: E402
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
-)  # noqa: E402
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from distillprune.data import load_documents  # noqa: E402
 
@@ -60,7 +66,21 @@ ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
 }
+# what makes each family itself in a tiny model (make_tiny_model's overrides): Qwen3's per-head q/k norms, Gemma 3's
+# MQA with a head_dim wider than hidden/heads, sliding-window layers and query_pre_attn_scalar, Phi-3's fused
+# projections (its default), Llama 3's rope scaling and several EOS ids
+FAMILY_TRAITS = {
+    "qwen3": {"head_dim": 16},
+    "gemma3_text": {"num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8,
+                    "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]},
+    "phi3": {},
+    "llama": {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 64, "rope_theta": 500000.0}},
+}  # fmt: skip
 
 
 def make_tiny_model(

@@ -85,8 +85,8 @@ def flops_per_token(model: PreTrainedModel, context: int) -> int:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             linear += module.in_features * module.out_features
-    query_width = sum(
-        m.q_proj.out_features for m in model.modules() if hasattr(m, "q_proj") and isinstance(m.q_proj, torch.nn.Linear)
+    query_width = sum(  # o_proj's input is the query width in every family, fused q/k/v or not
+        m.o_proj.in_features for m in model.modules() if hasattr(m, "o_proj") and isinstance(m.o_proj, torch.nn.Linear)
     )
     mean_keys = (context + 1) / 2  # a causal window: position t attends to t keys
     return int(2 * linear + 2 * 2 * query_width * mean_keys)

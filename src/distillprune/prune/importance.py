@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from distillprune.errors import UserError
-from distillprune.prune.groups import decoder_layers, family_of, head_dim, projections
+from distillprune.prune.groups import Part, decoder_layers, family_of, head_dim, parts, projections
 
 METHODS = ("random", "l1", "l2", "taylor", "taylor_vector", "taylor2", "activation")  # = choices.IMPORTANCE
 AGGREGATIONS = {"sum": torch.sum, "mean": torch.mean, "max": lambda t, dim: t.max(dim=dim).values, "prod": torch.prod}
@@ -59,7 +59,8 @@ def score(
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for i in layers:
-        out[i] = _group_scores(model, params[i], method, aggregation, fisher.get(i), activations.get(i), gen)
+        layer_parts = parts(blocks[i], adapter)
+        out[i] = _group_scores(model, layer_parts, params[i], method, aggregation, fisher.get(i), activations.get(i), gen)
     model.zero_grad(set_to_none=True)
     if model.device.type == "cuda":
         return out, torch.cuda.max_memory_allocated(model.device) / 2**20
@@ -107,7 +108,7 @@ def _activation_norms(model, blocks, adapter, batches, layers) -> dict[int, list
     sums: dict[int, list[Tensor]] = {}
     hooks = []
     for i in layers:
-        attn, mlp = blocks[i].get_submodule(adapter.attn), blocks[i].get_submodule(adapter.mlp)
+        p = parts(blocks[i], adapter)
 
         def keep(idx: int, slot: int):
             def hook(module, args):
@@ -118,8 +119,8 @@ def _activation_norms(model, blocks, adapter, batches, layers) -> dict[int, list
 
             return hook
 
-        hooks.append(attn.get_submodule(adapter.o).register_forward_pre_hook(keep(i, 0)))
-        hooks.append(mlp.get_submodule(adapter.down).register_forward_pre_hook(keep(i, 1)))
+        hooks.append(p["o"].linear.register_forward_pre_hook(keep(i, 0)))
+        hooks.append(p["down"].linear.register_forward_pre_hook(keep(i, 1)))
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
@@ -133,15 +134,15 @@ def _activation_norms(model, blocks, adapter, batches, layers) -> dict[int, list
     return sums
 
 
-def _group_scores(model, linears, method, aggregation, extra, activations, gen) -> LayerScores:
+def _group_scores(model, layer_parts: dict[str, Part], modules, method, aggregation, extra, activations, gen) -> LayerScores:
+    """One layer's scores from element scores of its projection ``modules`` (each once), cut into its parts."""
     hd = head_dim(model)
-    q, k, v, o, gate, up, down = linears
-    n_q, n_kv = q.out_features // hd, k.out_features // hd
+    n_q, n_kv, n_ch = layer_parts["q"].size // hd, layer_parts["k"].size // hd, layer_parts["up"].size
     agg = AGGREGATIONS[aggregation]
+    group = n_q // n_kv
     if method == "activation":
         head_out, channel_act = activations
         heads = head_out.view(n_q, hd).sum(dim=1).sqrt()
-        group = n_q // n_kv
         return LayerScores(heads, heads.view(n_kv, group).sum(dim=1), channel_act.sqrt())
 
     def element(j: int, lin: torch.nn.Linear) -> Tensor:
@@ -159,15 +160,18 @@ def _group_scores(model, linears, method, aggregation, extra, activations, gen) 
             return w * g  # summed per part below, then |.|
         return 0.5 * w * w * extra[j]  # taylor2
 
-    e = [element(j, lin) for j, lin in enumerate(linears)]
+    by_module = [element(j, lin) for j, lin in enumerate(modules)]
+
+    def e(name: str) -> Tensor:  # [rows or out, in] the part's element scores
+        part = layer_parts[name]
+        full = next(t for t, m in zip(by_module, modules, strict=True) if m is part.linear)
+        return full if name in ("o", "down") else full[part.start : part.start + part.size]
+
     finish = (lambda t: t.abs()) if method == "taylor_vector" else (lambda t: t)
     rows = lambda t, n: finish(t.reshape(n, -1).sum(dim=1))  # noqa: E731 - [n] per block of output rows
     cols = lambda t, n: finish(t.reshape(t.shape[0], n, -1).sum(dim=(0, 2)))  # noqa: E731 - per input columns
-    head_parts = torch.stack([rows(e[0], n_q), cols(e[3], n_q)])  # [2, n_q]
+    head_parts = torch.stack([rows(e("q"), n_q), cols(e("o"), n_q)])  # [2, n_q]
     heads = agg(head_parts, dim=0)
-    group = n_q // n_kv
-    kv_parts = torch.stack([rows(e[1], n_kv), rows(e[2], n_kv), agg(head_parts, dim=0).view(n_kv, group).sum(dim=1)])
-    channel_parts = torch.stack(
-        [rows(e[4], gate.out_features), rows(e[5], up.out_features), cols(e[6], down.in_features)]
-    )
+    kv_parts = torch.stack([rows(e("k"), n_kv), rows(e("v"), n_kv), heads.view(n_kv, group).sum(dim=1)])
+    channel_parts = torch.stack([rows(e("gate"), n_ch), rows(e("up"), n_ch), cols(e("down"), n_ch)])
     return LayerScores(heads, agg(kv_parts, dim=0), agg(channel_parts, dim=0))

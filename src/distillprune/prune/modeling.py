@@ -10,22 +10,27 @@ from __future__ import annotations
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from distillprune.prune.groups import FAMILIES, Family, Widths, decoder_layers, family_of, head_dim
+from distillprune.prune.groups import FAMILIES, Family, Widths, decoder_layers, family_of, head_dim, parts, set_counts
 
 
 def resize_layers(model: PreTrainedModel, widths: list[Widths]) -> None:
     """Give every decoder layer fresh projections of the given widths (weights to be loaded or copied in)."""
     adapter, hd = family_of(model), head_dim(model)
     for layer, w in zip(decoder_layers(model, adapter), widths, strict=True):
-        attn, mlp = layer.get_submodule(adapter.attn), layer.get_submodule(adapter.mlp)
-        for name, rows in ((adapter.q, w.heads * hd), (adapter.k, w.kv_heads * hd), (adapter.v, w.kv_heads * hd)):
-            setattr(attn, name, _like(attn.get_submodule(name), out_features=rows))
-        setattr(attn, adapter.o, _like(attn.get_submodule(adapter.o), in_features=w.heads * hd))
-        attn.num_key_value_groups = w.heads // w.kv_heads
-        for name in (adapter.gate, adapter.up):
-            setattr(mlp, name, _like(mlp.get_submodule(name), out_features=w.intermediate))
-        setattr(mlp, adapter.down, _like(mlp.get_submodule(adapter.down), in_features=w.intermediate))
-        mlp.intermediate_size = w.intermediate
+        p = parts(layer, adapter)
+        rows = {"q": w.heads * hd, "k": w.kv_heads * hd, "v": w.kv_heads * hd, "gate": w.intermediate,
+                "up": w.intermediate}  # fmt: skip
+        sizes: dict[tuple[int, str], int] = {}
+        for name, n in rows.items():
+            key = (id(p[name].owner), p[name].name)
+            sizes[key] = sizes.get(key, 0) + n
+        for name in rows:
+            owner, attr = p[name].owner, p[name].name
+            if (id(owner), attr) in sizes:
+                setattr(owner, attr, _like(p[name].linear, out_features=sizes.pop((id(owner), attr))))
+        for name, n in (("o", w.heads * hd), ("down", w.intermediate)):
+            setattr(p[name].owner, p[name].name, _like(p[name].linear, in_features=n))
+        set_counts(layer, adapter, model.config, w)
 
 
 def _like(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:

@@ -8,14 +8,27 @@ in every layer give a stock config; different widths give the registered per-lay
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from distillprune.errors import UserError
-from distillprune.prune.groups import FAMILIES, Widths, base_type, decoder_layers, family_of, head_dim, layer_widths
+from distillprune.prune.groups import (
+    FAMILIES,
+    ROW_PARTS,
+    Part,
+    Widths,
+    base_type,
+    decoder_layers,
+    family_of,
+    head_dim,
+    layer_widths,
+    parts,
+    set_counts,
+)
 from distillprune.prune.importance import LayerScores
 from distillprune.prune.modeling import pruned_classes
 
@@ -64,11 +77,12 @@ def plan(
     fraction = target / (len(layers) * ((attention if "heads" in parts else 0) + (mlp if "channels" in parts else 0)))
     group = first.heads // first.kv_heads
     kv, heads = first.kv_heads, first.heads
+    fits = lambda n: not family_of(model).heads_divide_hidden or hidden % n == 0  # noqa: E731
     if "heads" in parts and effective_mode(gqa, first) == "kv_groups":
-        kv = max(1, first.kv_heads - round(fraction * first.kv_heads))
+        kv = _nearest(first.kv_heads - fraction * first.kv_heads, first.kv_heads, lambda n: fits(n * group))
         heads = kv * group
     elif "heads" in parts:
-        heads = max(1, group - round(fraction * group)) * kv
+        heads = _nearest(group - fraction * group, group, lambda n: fits(n * kv)) * kv
     removed = len(layers) * ((first.heads - heads) * per_head + (first.kv_heads - kv) * per_kv)
     keep = first.intermediate
     if "channels" in parts:
@@ -113,48 +127,76 @@ def apply(model: PreTrainedModel, keep: dict[int, dict[str, list[int]]]) -> PreT
     adapter, hd = family_of(model), head_dim(model)
     blocks = decoder_layers(model, adapter)
     for i, k in keep.items():
-        attn, mlp = blocks[i].get_submodule(adapter.attn), blocks[i].get_submodule(adapter.mlp)
-        q_rows = _head_rows(k["heads"], hd)
-        kv_rows = _head_rows(k["kv_heads"], hd)
-        setattr(attn, adapter.q, _rows(attn.get_submodule(adapter.q), q_rows))
-        setattr(attn, adapter.k, _rows(attn.get_submodule(adapter.k), kv_rows))
-        setattr(attn, adapter.v, _rows(attn.get_submodule(adapter.v), kv_rows))
-        setattr(attn, adapter.o, _cols(attn.get_submodule(adapter.o), q_rows))
-        attn.num_key_value_groups = len(k["heads"]) // len(k["kv_heads"])
-        channels = torch.tensor(k["channels"])
-        setattr(mlp, adapter.gate, _rows(mlp.get_submodule(adapter.gate), channels))
-        setattr(mlp, adapter.up, _rows(mlp.get_submodule(adapter.up), channels))
-        setattr(mlp, adapter.down, _cols(mlp.get_submodule(adapter.down), channels))
-        mlp.intermediate_size = len(k["channels"])
-    _rewrite_config(model, hd)
+        p = parts(blocks[i], adapter)
+        q_rows, kv_rows = _head_rows(k["heads"], hd), _head_rows(k["kv_heads"], hd)
+        channels = torch.tensor(k["channels"], dtype=torch.long)
+        rows = {"q": q_rows, "k": kv_rows, "v": kv_rows, "gate": channels, "up": channels}
+        set_rows(p, {name: _take(p[name], idx) for name, idx in rows.items()})
+        for name, idx in (("o", q_rows), ("down", channels)):
+            setattr(p[name].owner, p[name].name, _cols(p[name].linear, idx))
+    rewrite_config(model, hd)
     return model
 
 
-def _rewrite_config(model: PreTrainedModel, hd: int) -> None:
+def set_rows(p: dict[str, Part], new: dict[str, tuple[Tensor, Tensor | None]]) -> None:
+    """Replace the row parts named in ``new`` by the given (weight, bias) rows; a fused projection is rebuilt
+    from all its parts in order, the ones not named kept as they are."""
+    modules: dict[tuple[int, str], list[str]] = {}
+    for name in ROW_PARTS:
+        modules.setdefault((id(p[name].owner), p[name].name), []).append(name)
+    for names in modules.values():
+        if not set(names) & set(new):
+            continue
+        first = p[names[0]]
+        lin = first.linear
+        blocks = [new[n] if n in new else _take(p[n], None) for n in names]
+        weight = torch.cat([w for w, _ in blocks])  # [rows, in]
+        linear = nn.Linear(lin.in_features, weight.shape[0], bias=lin.bias is not None, device=weight.device,
+                           dtype=weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if lin.bias is not None:
+                linear.bias.copy_(torch.cat([b for _, b in blocks]))
+        setattr(first.owner, first.name, linear)
+
+
+def rewrite_config(model: PreTrainedModel, hd: int) -> None:
+    """The config after surgery: a stock config when every layer has the same widths, else the registered
+    per-layer type (``modeling``); each layer's modules are told their counts."""
     widths = layer_widths(model)
     cfg = model.config
     cfg.head_dim = hd  # never recomputed from hidden_size / heads: RoPE and the projections keep head_dim
     if all(w == widths[0] for w in widths):
         cfg.num_attention_heads, cfg.num_key_value_heads = widths[0].heads, widths[0].kv_heads
         cfg.intermediate_size = widths[0].intermediate
-        return
-    family = base_type(model)
-    config_cls, model_cls = pruned_classes(FAMILIES[family])
-    data = cfg.to_dict()
-    data.update(model_type=config_cls.model_type, base_model_type=family, layer_widths=[w.as_dict() for w in widths])
-    data["architectures"] = [model_cls.__name__]
-    new = config_cls(**{k: v for k, v in data.items() if k != "model_type"})
-    new._attn_implementation = cfg._attn_implementation
-    model.config = new
-    for module in model.modules():
-        if hasattr(module, "config") and module is not model:
-            module.config = new
-    model.__class__ = model_cls
+        if hasattr(cfg, "layer_widths"):  # a per-layer model pruned back to uniform stays its registered type
+            cfg.layer_widths = [w.as_dict() for w in widths]
+    else:
+        family = base_type(model)
+        config_cls, model_cls = pruned_classes(FAMILIES[family])
+        data = cfg.to_dict()
+        data.update(model_type=config_cls.model_type, base_model_type=family, layer_widths=[w.as_dict() for w in widths])
+        data["architectures"] = [model_cls.__name__]
+        new = config_cls(**{k: v for k, v in data.items() if k != "model_type"})
+        new._attn_implementation = cfg._attn_implementation
+        model.config = new
+        for module in model.modules():
+            if hasattr(module, "config") and module is not model:
+                module.config = new
+        model.__class__ = model_cls
+    adapter = family_of(model)
+    for layer, w in zip(decoder_layers(model, adapter), widths, strict=True):
+        set_counts(layer, adapter, model.config, w)
 
 
 def effective_mode(gqa: str, widths: Widths) -> str:
     """Without GQA (one query head per KV head) a head and its KV head leave together: kv_groups either way."""
     return "kv_groups" if widths.heads == widths.kv_heads else gqa
+
+
+def _nearest(target: float, most: int, allowed: Callable[[int], bool]) -> int:
+    """The allowed count in [1, most] closest to ``target`` (the larger on a tie; ``most`` is always allowed)."""
+    return min((n for n in range(1, most + 1) if allowed(n) or n == most), key=lambda n: (abs(n - target), -n))
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:
@@ -165,15 +207,13 @@ def _head_rows(heads: list[int], hd: int) -> torch.Tensor:
     return torch.tensor([h * hd + j for h in heads for j in range(hd)], dtype=torch.long)
 
 
-def _rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(
-        lin.in_features, len(idx), bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype
-    )
+def _take(part: Part, idx: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Rows ``idx`` of a row part (all of them for None): its weight rows and bias entries."""
+    lin = part.linear
+    rows = torch.arange(part.start, part.start + part.size) if idx is None else part.start + idx
+    rows = rows.to(lin.weight.device)
     with torch.no_grad():
-        new.weight.copy_(lin.weight[idx])
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias[idx])
-    return new
+        return lin.weight[rows].clone(), None if lin.bias is None else lin.bias[rows].clone()
 
 
 def _cols(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
