@@ -54,6 +54,8 @@ def _cases(a: dict[str, Path], out: Path) -> list[tuple[str, list[str], str]]:
     seq = ["recipe=seq_distill", *seq_overrides(a["model"], out, cache)]
     icl = ["recipe=icl_distill", *icl_overrides(a["model"], out, cache)]
     prune = ["recipe=prune_lora", *prune_overrides(a["model"], a["text"], out)]
+    depth = ["recipe=prune_depth", f"model.name={a['model']}", f"data.source={a['text']}", f"output_dir={out}"]
+    merge = ["recipe=merge_kv", f"model.name={a['model']}", f"data.source={a['text']}", f"output_dir={out}"]
     ev = ["recipe=evaluate", f"model.name={a['model']}", f"evaluate.text.source={a['text']}", f"output_dir={out}"]
     qz = ["recipe=quantize", f"model.name={a['model']}", f"evaluate.text.source={a['text']}", f"output_dir={out}"]
     return [
@@ -101,6 +103,12 @@ def _cases(a: dict[str, Path], out: Path) -> list[tuple[str, list[str], str]]:
         ("heads not divisible in the config", [*prune, f"model.name={a['broken']}"], "model.name: "),
         ("pruned layer out of range", [*prune, "prune.layers=0,9"], "prune.layers must be indices in [0, 3], got [0, 9]"),
         ("unknown importance", [*prune, "prune.importance=magic"], "prune.importance 'magic' is unknown"),
+        ("more layers removed than exist", [*depth, "depth.remove=9"], "depth.remove=9: the model has 4 layers"),
+        ("first or last layer when they are kept", [*depth, "depth.remove=3"], "depth.remove=3: the model has 4 "
+         "layers, of which 2 may go (the first and last are kept"),
+        ("unknown block importance", [*depth, "depth.importance=magic"], "depth.importance 'magic' is unknown"),
+        ("KV heads that do not divide", [*merge, "merge.kv_heads=3"], "merge.kv_heads=3: 4 query heads over 2 KV"),
+        ("family merging does not know", [*merge, f"model.name={a['gpt2']}"], "model.name="),
         ("LoRA rank 0", [*prune, "lora.r=0"], "lora.r=0: must be an integer >= 1"),
         ("stride above context", [*ev, "evaluate.text.stride=512"], "evaluate.text.stride=512 must be in 1..context"),
         ("batch size 0 in a list", [*ev, "evaluate.speed.batch_sizes=[0]"], "evaluate.speed.batch_sizes: every entry"),

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_prune import IDS, _fresh_process_logits, _prune, _zeroed
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILY_TRAITS, make_tiny_model
 from distillprune.prune import layer_widths
 from distillprune.prune.groups import FAMILIES
-from test_prune import IDS, _fresh_process_logits, _prune, _zeroed
 
 FAMILY_NAMES = ["qwen3", "gemma3_text", "phi3", "llama3"]
 

@@ -36,6 +36,8 @@ END_TO_END = {
     "evaluate": "tests/test_evaluation.py::test_evaluate_recipe_side_by_side",
     "quantize": "tests/test_quantize.py::test_quantize_recipe_end_to_end",
     "compress": "tests/test_quantize.py::test_compress_recipe_end_to_end",
+    "prune_depth": "tests/test_depth_kv.py::test_prune_depth_end_to_end",
+    "merge_kv": "tests/test_depth_kv.py::test_merge_kv_end_to_end",
 }
 
 

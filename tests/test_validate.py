@@ -17,6 +17,7 @@ from distillprune.generate import GenerationStore
 def test_choices_agree_with_the_implementations() -> None:
     from distillprune.evaluation.zeroshot import TASKS
     from distillprune.objective import Objective
+    from distillprune.prune.depth import DEPTH_IMPORTANCE
     from distillprune.prune.groups import FAMILIES
     from distillprune.prune.importance import AGGREGATIONS, METHODS
     from distillprune.prune.surgery import GQA_MODES
@@ -25,6 +26,7 @@ def test_choices_agree_with_the_implementations() -> None:
 
     assert (
         tuple(sorted(FAMILIES)) == choices.PRUNABLE
+        and DEPTH_IMPORTANCE == choices.DEPTH_IMPORTANCE
         and GQA_MODES == choices.GQA_MODES
         and tuple(AGGREGATIONS) == choices.AGGREGATIONS
     )

@@ -22,6 +22,7 @@ from distillprune.choices import (
     ACCELERATORS,
     AGGREGATIONS,
     ATTENTION,
+    DEPTH_IMPORTANCE,
     DTYPES,
     GQA_MODES,
     IMPORTANCE,
@@ -113,6 +114,11 @@ RANGES: dict[str, tuple[Check, str]] = {
     "prune.calibration.samples": COUNT,
     "prune.calibration.seq_len": _int(2),
     "prune.calibration.batch_size": COUNT,
+    "depth.remove": COUNT,
+    "depth.calibration.samples": COUNT,
+    "depth.calibration.seq_len": _int(2),
+    "depth.calibration.batch_size": COUNT,
+    "merge.kv_heads": COUNT,
     "lora.r": COUNT,
     "lora.alpha": POSITIVE,
     "lora.dropout": _num(0, 1, hi_open=True),
@@ -139,6 +145,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "teacher.attn_implementation": ATTENTION, "student.attn_implementation": ATTENTION,
         "model.attn_implementation": ATTENTION,
         "prune.importance": IMPORTANCE, "prune.aggregation": AGGREGATIONS, "prune.gqa": GQA_MODES,
+        "depth.importance": DEPTH_IMPORTANCE,
         "logger.wandb.mode": WANDB_MODES,
     }  # fmt: skip
 
@@ -208,6 +215,7 @@ def check_files(cfg: DictConfig) -> None:
     """Data, prompt, task, calibration and evaluation sources that name files exist and can be read."""
     packaged = {"prompts.source": ("packaged",), "task.source": ("shakespeare_or_bible",)}
     for key in ("data.source", "data.val_source", "prompts.source", "task.source", "prune.calibration.source",
+                "depth.calibration.source",
                 "evaluate.text.source"):  # fmt: skip
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, str) and value not in packaged.get(key, PACKAGED_TEXT) and _is_local(value):
@@ -296,8 +304,8 @@ def check_models(cfg: DictConfig) -> None:
     student = OmegaConf.select(cfg, "student", default=None)
     if student is not None and "student.name" in configs:
         _check_student(student, configs["student.name"])
-    if "model.name" in configs and "prune" in cfg:
-        _check_prunable(cfg.prune, configs["model.name"], folders["model.name"])
+    if "model.name" in configs and ({"prune", "depth", "merge"} & set(cfg)):
+        _check_prunable(cfg, configs["model.name"], folders["model.name"])
     if cfg.get("quantize") is not None:
         quantized = configs.get("model.name") or configs.get("student.name") or {}
         check_block(cfg.quantize, *quantized_widths(quantized, cfg.get("prune")), quantized.get("model_type"))
@@ -366,12 +374,23 @@ def _check_student(student: DictConfig, config: dict) -> None:
             raise UserError(f"student.config_overrides: {heads} heads are not divisible into {kv} KV groups")
 
 
-def _check_prunable(prune: DictConfig, config: dict, folder: Path) -> None:
+def _check_prunable(cfg: DictConfig, config: dict, folder: Path) -> None:
+    """The family has an adapter; the layers, layer count and KV-head count asked for exist (the run checks the
+    same on the loaded model: this is the early, torch-free look at config.json)."""
     family = config.get("model_type")
     if family not in PRUNABLE and not str(family).startswith("distillprune_"):
         raise UserError(f"model.name={folder}: pruning supports {', '.join(PRUNABLE)}; '{family}' has no adapter")
-    layers = config.get("num_hidden_layers")
-    spec = str(prune.get("layers", "all"))
+    layers, heads, kv = (config.get(k) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"))
+    depth = cfg.get("depth")
+    if depth is not None and isinstance(depth.get("remove"), int) and isinstance(layers, int):
+        removable_layers(layers, depth.remove, bool(depth.get("keep_first")), bool(depth.get("keep_last")))
+    merged = OmegaConf.select(cfg, "merge.kv_heads", default=None)
+    if isinstance(merged, int) and isinstance(kv, int) and isinstance(heads, int) and (kv % merged or heads % merged):
+        fits = ", ".join(str(n) for n in range(1, kv + 1) if kv % n == 0 and heads % n == 0)
+        raise UserError(f"merge.kv_heads={merged}: {heads} query heads over {kv} KV heads; choose one of {fits}")
+    if "prune" not in cfg:
+        return
+    spec = str(cfg.prune.get("layers", "all"))
     if not isinstance(layers, int) or spec == "all" or ":" in spec:
         return
     try:
@@ -380,6 +399,18 @@ def _check_prunable(prune: DictConfig, config: dict, folder: Path) -> None:
         raise UserError(f"prune.layers '{spec}': use all, a slice like 3:27, or indices like 0,5,9") from None
     if any(not 0 <= i < layers for i in indices):
         raise UserError(f"prune.layers must be indices in [0, {layers - 1}], got {indices}")
+
+
+def removable_layers(n_layers: int, remove: int, keep_first: bool, keep_last: bool) -> list[int]:
+    """The layers that depth pruning may remove; a one-line error when ``remove`` of them cannot go."""
+    allowed = [i for i in range(n_layers) if not (keep_first and i == 0) and not (keep_last and i == n_layers - 1)]
+    if remove < 1 or remove > len(allowed) or remove >= n_layers:
+        kept = " (the first and last are kept: depth.keep_first / keep_last)" if len(allowed) < n_layers else ""
+        raise UserError(
+            f"depth.remove={remove}: the model has {n_layers} layers, of which {len(allowed)} may go{kept}; "
+            f"choose 1..{min(len(allowed), n_layers - 1)}"
+        )
+    return allowed
 
 
 def _config(folder: Path, key: str) -> dict:

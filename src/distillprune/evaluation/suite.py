@@ -137,11 +137,12 @@ def evaluate_stage(
         rows = quantization_rows(metrics["evaluation"]["models"], table)
         plots["perplexity_against_size"] = plot_quantization(rows, out / "report")
         sections = quantization_table(rows)
-    if metrics.get("widths"):
+    if metrics.get("widths") and metrics.get("widths_dense"):  # not after depth pruning: other layers
         plots["layer_widths"] = plot_widths(metrics["widths_dense"], metrics["widths"], out / "report")
     if metrics.get("sweep"):
         plots["pruning_sweep"] = plot_sweep(metrics["sweep"], out / "report")
-    notes = [f"{k}: {v}" for k, v in metrics.items() if k in ("steps", "speedup", "sparsity", "prune_s")]
+    noted = ("steps", "speedup", "sparsity", "prune_s", "removed_layers")
+    notes = [f"{k}: {v}" for k, v in metrics.items() if k in noted]
     write_report(out, f"{cfg.recipe}: {out.name}", metrics["evaluation"], plots, notes, metrics.get("sweep"), sections)
     log_to_wandb(loggers or [], metrics["evaluation"], plots)
 

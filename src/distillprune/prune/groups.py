@@ -12,7 +12,6 @@ act on ``head_dim`` and are shared by all heads: pruning heads leaves them as th
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 from torch import nn
@@ -61,7 +60,8 @@ class Family:
 
 # a new architecture is one entry here (and its name in ``choices.PRUNABLE``, which validation reads torch-free)
 FAMILIES = {
-    "llama": Family(LlamaConfig, LlamaForCausalLM, heads_divide_hidden=True),  # Llama 2/3.x: rope scaling and EOS lists live in the config
+    # Llama 2/3.x: rope scaling and EOS lists live in the config, which pruning keeps
+    "llama": Family(LlamaConfig, LlamaForCausalLM, heads_divide_hidden=True),
     "mistral": Family(MistralConfig, MistralForCausalLM),
     "qwen2": Family(Qwen2Config, Qwen2ForCausalLM),
     "qwen3": Family(Qwen3Config, Qwen3ForCausalLM),
@@ -128,7 +128,8 @@ def parts(layer: nn.Module, family: Family) -> dict[str, Part]:
         out = {"q": Part(attn, family.qkv, 0, q_rows), "k": Part(attn, family.qkv, q_rows, kv_rows),
                "v": Part(attn, family.qkv, q_rows + kv_rows, kv_rows)}  # fmt: skip
     else:
-        out = {p: Part(attn, n, 0, attn.get_submodule(n).out_features) for p, n in zip("qkv", (family.q, family.k, family.v))}
+        names = {"q": family.q, "k": family.k, "v": family.v}
+        out = {p: Part(attn, n, 0, attn.get_submodule(n).out_features) for p, n in names.items()}
     out["o"] = Part(attn, family.o, 0, q_rows)
     if family.gate_up:
         out |= {"gate": Part(mlp, family.gate_up, 0, channels), "up": Part(mlp, family.gate_up, channels, channels)}
@@ -154,7 +155,8 @@ def set_counts(layer: nn.Module, family: Family, config: PretrainedConfig, w: Wi
         mlp.intermediate_size = w.intermediate
     if hasattr(attn, "config"):  # Phi-3 reads the query width from the config in forward
         own = w.heads != config.num_attention_heads or w.kv_heads != config.num_key_value_heads
-        attn.config = LayerConfig(config, num_attention_heads=w.heads, num_key_value_heads=w.kv_heads) if own else config
+        counts = {"num_attention_heads": w.heads, "num_key_value_heads": w.kv_heads}
+        attn.config = LayerConfig(config, **counts) if own else config
 
 
 class LayerConfig:

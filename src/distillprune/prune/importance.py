@@ -59,8 +59,8 @@ def score(
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for i in layers:
-        layer_parts = parts(blocks[i], adapter)
-        out[i] = _group_scores(model, layer_parts, params[i], method, aggregation, fisher.get(i), activations.get(i), gen)
+        found = (fisher.get(i), activations.get(i))
+        out[i] = _group_scores(model, parts(blocks[i], adapter), params[i], method, aggregation, *found, gen)
     model.zero_grad(set_to_none=True)
     if model.device.type == "cuda":
         return out, torch.cuda.max_memory_allocated(model.device) / 2**20
@@ -134,7 +134,7 @@ def _activation_norms(model, blocks, adapter, batches, layers) -> dict[int, list
     return sums
 
 
-def _group_scores(model, layer_parts: dict[str, Part], modules, method, aggregation, extra, activations, gen) -> LayerScores:
+def _group_scores(model, layer_parts: dict[str, Part], modules, method, aggregation, extra, activations, gen):  # noqa: ANN001, ANN202
     """One layer's scores from element scores of its projection ``modules`` (each once), cut into its parts."""
     hd = head_dim(model)
     n_q, n_kv, n_ch = layer_parts["q"].size // hd, layer_parts["k"].size // hd, layer_parts["up"].size

@@ -175,7 +175,8 @@ def rewrite_config(model: PreTrainedModel, hd: int) -> None:
         family = base_type(model)
         config_cls, model_cls = pruned_classes(FAMILIES[family])
         data = cfg.to_dict()
-        data.update(model_type=config_cls.model_type, base_model_type=family, layer_widths=[w.as_dict() for w in widths])
+        data.update(model_type=config_cls.model_type, base_model_type=family)
+        data["layer_widths"] = [w.as_dict() for w in widths]
         data["architectures"] = [model_cls.__name__]
         new = config_cls(**{k: v for k, v in data.items() if k != "model_type"})
         new._attn_implementation = cfg._attn_implementation

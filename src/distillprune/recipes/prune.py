@@ -32,8 +32,11 @@ from distillprune.evaluation.metrics import count_params, perplexity
 from distillprune.evaluation.suite import evaluate_stage
 from distillprune.hardware import resolve_dtype, run_device
 from distillprune.models import DTYPES, export, load_model, load_tokenizer, shared_vocab_size
+from distillprune.prune.depth import block_importance, candidates, choose, remove_layers
 from distillprune.prune.groups import family_of, layer_widths
 from distillprune.prune.importance import score
+from distillprune.prune.kv_merge import check as check_merge
+from distillprune.prune.kv_merge import kv_bytes_per_token, merge_kv_heads
 from distillprune.prune.magnitude import check_sparsity, finalize, magnitude_prune, sparsity_of
 from distillprune.prune.surgery import apply, plan, select
 from distillprune.ranks import barrier, rank_and_world
@@ -65,33 +68,30 @@ def magnitude_and_recover(cfg: DictConfig) -> dict[str, Any]:
     return _finish(cfg, run, (model, loggers), {"dense": cfg.model})
 
 
-def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any]) -> dict[str, Any]:
-    """Calibrate, score and prune once (rank 0), measure, then ``recover`` (``lora_recovery`` or
-    ``distill_recovery``), evaluate and export."""
-    prune = cfg.prune
+def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any], pruner: Pruner | None = None) -> dict[str, Any]:
+    """Calibrate and prune once (rank 0) with ``pruner`` (width: heads and channels, the default; ``Depth``;
+    ``MergeKV``), measure, then ``recover`` (``lora_recovery`` or ``distill_recovery``), evaluate and export."""
+    pruner = pruner or Width()
     loss = divergence(cfg) if recover is distill_recovery else None  # the dense model is the teacher
-    run = _setup(cfg, check=lambda m, layers: plan(m, prune.ratio, layers, prune.gqa, prune.round_to,
-                                                   tuple(prune.parts)))  # fmt: skip
+    run = _setup(cfg, check=lambda model, layers: pruner.check(cfg, model, layers))
     model, metrics = run.model, run.metrics
     lead = rank_and_world()[0] == 0
     # the dense model is kept only where it is used: as the KD teacher (frozen: bf16 on a GPU), or for the sweep
-    dense = copy.deepcopy(model) if recover is distill_recovery or (lead and prune.sweep) else None
+    dense = copy.deepcopy(model) if recover is distill_recovery or (lead and pruner.needs_dense(cfg)) else None
     if lead:  # pruned once; the other ranks load the result
-        calibration = _calibration(cfg, run.tokenizer)
-        t0 = time.perf_counter()
-        scores, peak_mb = score(model, calibration, prune.importance, run.layers, prune.aggregation, cfg.seed)
-        keep = select(scores, run.checked, layer_widths(model), prune.gqa, prune.uniform, prune.round_to)
         metrics["widths_dense"] = [w.as_dict() for w in layer_widths(model)]
-        apply(model, keep)
+        metrics["kv_bytes_per_token"] = {"dense": kv_bytes_per_token(model)}
+        t0 = time.perf_counter()
+        metrics |= pruner.prune(cfg, run, dense)
         metrics["prune_s"] = round(time.perf_counter() - t0, 1)
-        metrics["peak_mem_mb"] = round(peak_mb, 1)
         metrics["params"]["pruned"] = count_params(model)
         metrics["params"]["removed_fraction"] = round(1 - metrics["params"]["pruned"] / metrics["params"]["dense"], 4)
         metrics["widths"] = [w.as_dict() for w in layer_widths(model)]
+        metrics["kv_bytes_per_token"]["pruned"] = kv_bytes_per_token(model)
+        if len(metrics["widths"]) != len(metrics["widths_dense"]):  # depth: the per-layer plot compares nothing
+            metrics.pop("widths_dense")
         _measure(run, "pruned")
         export(model, run.tokenizer, run.out / "pruned")
-        if prune.sweep:
-            metrics["sweep"] = sweep(cfg, dense, scores, run)
     barrier("pruning on rank 0")
     # the same random state on every rank from here: LoRA adapters are initialised per rank, and FSDP2 shards each
     # rank's own values (nothing is broadcast), so rank 0's extra work above must not leave it a different state
@@ -102,6 +102,67 @@ def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any]) -> dict[str,
     teacher = _frozen_teacher(dense) if recover is distill_recovery else None
     recovered = recover(cfg, model, teacher, loss, run.data, run.out)
     return _finish(cfg, run, recovered, {"dense": cfg.model, "pruned": run.out / "pruned"})
+
+
+class Pruner:
+    """How a pruning recipe shrinks the model: ``check`` the request on the loaded model before any work (its
+    result is ``run.checked``), then ``prune`` ``run.model`` in place and return what it adds to the metrics."""
+
+    def check(self, cfg: DictConfig, model: PreTrainedModel, layers: list[int]) -> Any:
+        raise NotImplementedError
+
+    def prune(self, cfg: DictConfig, run: _Run, dense: PreTrainedModel | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def needs_dense(self, cfg: DictConfig) -> bool:
+        return False
+
+
+class Width(Pruner):
+    """LLM-Pruner: attention heads (GQA-aware) and MLP channels by importance on calibration data (``prune``)."""
+
+    def check(self, cfg: DictConfig, model: PreTrainedModel, layers: list[int]) -> Any:
+        p = cfg.prune
+        return plan(model, p.ratio, layers, p.gqa, p.round_to, tuple(p.parts))
+
+    def prune(self, cfg: DictConfig, run: _Run, dense: PreTrainedModel | None) -> dict[str, Any]:
+        p = cfg.prune
+        scores, peak_mb = score(run.model, calibration(cfg, p.calibration, run.tokenizer), p.importance, run.layers,
+                                p.aggregation, cfg.seed)  # fmt: skip
+        apply(run.model, select(scores, run.checked, layer_widths(run.model), p.gqa, p.uniform, p.round_to))
+        out: dict[str, Any] = {"peak_mem_mb": round(peak_mb, 1)}
+        if p.sweep:
+            out["sweep"] = sweep(cfg, dense, scores, run)
+        return out
+
+    def needs_dense(self, cfg: DictConfig) -> bool:
+        return bool(cfg.prune.sweep)
+
+
+class Depth(Pruner):
+    """Whole decoder layers by block importance on calibration data (``depth``)."""
+
+    def check(self, cfg: DictConfig, model: PreTrainedModel, layers: list[int]) -> Any:
+        d = cfg.depth
+        return candidates(model.config.num_hidden_layers, d.remove, d.keep_first, d.keep_last)
+
+    def prune(self, cfg: DictConfig, run: _Run, dense: PreTrainedModel | None) -> dict[str, Any]:
+        d = cfg.depth
+        scores = block_importance(run.model, calibration(cfg, d.calibration, run.tokenizer), d.importance)
+        drop = choose(scores, d.remove, run.checked)
+        remove_layers(run.model, drop)
+        return {"removed_layers": drop, "block_importance": [round(float(s), 6) for s in scores]}
+
+
+class MergeKV(Pruner):
+    """Mean-pooled KV heads: MHA -> GQA -> MQA (``merge``)."""
+
+    def check(self, cfg: DictConfig, model: PreTrainedModel, layers: list[int]) -> Any:
+        check_merge(model, cfg.merge.kv_heads)
+
+    def prune(self, cfg: DictConfig, run: _Run, dense: PreTrainedModel | None) -> dict[str, Any]:
+        merge_kv_heads(run.model, cfg.merge.kv_heads)
+        return {}
 
 
 def sweep(cfg: DictConfig, dense: PreTrainedModel, scores: Any, run: _Run) -> list[dict[str, float]]:
@@ -144,7 +205,7 @@ def _setup(cfg: DictConfig, check: Callable[[PreTrainedModel, list[int]], Any]) 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = load_model(**cfg.model, device=run_device(str(cfg.trainer.accelerator))).eval()
     family_of(model)  # unsupported architectures fail here
-    layers = _layers(str(cfg.prune.layers), model.config.num_hidden_layers)
+    layers = _layers(str(cfg.prune.layers), model.config.num_hidden_layers) if "prune" in cfg else []
     checked = check(model, layers)
     tok = load_tokenizer(cfg.model.name)
     data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)
@@ -236,8 +297,8 @@ def _layers(spec: str, n: int) -> list[int]:
         raise UserError(f"prune.layers '{spec}': use all, a slice like 3:27, or indices like 0,5,9") from None
 
 
-def _calibration(cfg: DictConfig, tok) -> list[dict[str, torch.Tensor]]:
-    c = cfg.prune.calibration
+def calibration(cfg: DictConfig, c: DictConfig, tok) -> list[dict[str, torch.Tensor]]:  # noqa: ANN001
+    """Batches of ``c.samples`` calibration windows of ``c.seq_len`` tokens from ``c.source``."""
     dm = TextDataModule(tok, c.source, seq_len=c.seq_len, batch_size=1, val_batches=None, seed=cfg.seed)
     dm.setup()
     n = min(c.samples, len(dm.train_set))
