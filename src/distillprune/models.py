@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from distillprune.assets import ALIASES, PackagedGGUF, cache_dir, package_dir
+from distillprune.assets import ALIASES, PackagedGGUF, cache_dir, gguf_file
 from distillprune.errors import UserError
 from distillprune.hardware import choose_attention, resolve_dtype
 
@@ -247,9 +247,9 @@ def _converted(alias: str, packaged: PackagedGGUF) -> Path:
     out = cache_dir() / "models" / alias
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    source = package_dir(packaged.module)
+    gguf = gguf_file(packaged)
+    source = gguf.parent
     log.info("converting %s from %s (once; cached in %s)", alias, packaged.file, out)
-    gguf = source / packaged.file
     if not gguf.is_file():
         raise UserError(f"model '{alias}': {gguf} is missing; reinstall the package that ships it")
     try:
