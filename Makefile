@@ -34,12 +34,13 @@ GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	OMP_NUM_THREADS=4 PYTHONPATH=src timeout 480 $(GPU_PY) -m pytest -q -m gpu -rs tests/test_gpu.py
 
-# every benchmark (about 45 minutes on a 2-core CPU, and 6 more to build llama-cpp-python once); tables print and land in benchmarks/results/*.json
+# every benchmark (about 55 minutes on a 2-core CPU, and 6 more to build llama-cpp-python once); tables print and land in benchmarks/results/*.json
 BENCH_STAMP := $(VENV)/.installed-bench
 bench: install $(BENCH_STAMP)
 	$(PY) benchmarks/kd_throughput.py
 	$(PY) benchmarks/mfu.py
 	$(PY) benchmarks/prune_speed.py
+	$(PY) benchmarks/structure.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/qad.py

@@ -14,13 +14,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT  # noqa: E402
 
-ORDER = ["kd_throughput", "mfu", "prune_speed", "quality", "quantize", "qad", "kd_loss_memory", "generation"]
+ORDER = [
+    "kd_throughput",
+    "mfu",
+    "prune_speed",
+    "structure",
+    "structure-gemma3-270m",
+    "quality",
+    "quantize",
+    "qad",
+    "kd_loss_memory",
+    "generation",
+]
 INTRO = """# Benchmarks
 
-`make bench` runs kd_throughput, mfu, prune_speed, quality, quantize and qad (about 45 minutes on a 2-core CPU) and
-rewrites this file from `benchmarks/results/*.json` (`python benchmarks/collect.py`). Each section gives the
-command, the date and the machine of its latest run. Targets and what the numbers mean are in each script's
-docstring.
+`make bench` runs kd_throughput, mfu, prune_speed, structure, quality, quantize and qad (about 55 minutes on a
+2-core CPU) and rewrites this file from `benchmarks/results/*.json` (`python benchmarks/collect.py`). Each
+section gives the command, the date and the machine of its latest run. Targets and what the numbers mean are in
+each script's docstring.
 """
 
 

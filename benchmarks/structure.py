@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TEACHER, kd_blocks, table, write_result  # noqa: E402
 
+from distillprune.data import leading_bos  # noqa: E402
 from distillprune.evaluation.metrics import count_params, strided_perplexity  # noqa: E402
 from distillprune.evaluation.speed import generation_speed  # noqa: E402
 from distillprune.evaluation.suite import held_out_ids  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
     data, table_rows = [], []
     base_params, base_ppl = count_params(dense), None
     for name, (model, note) in rows.items():
-        ppl = strided_perplexity(model, ids, CONTEXT, STRIDE)["ppl"]
+        ppl = strided_perplexity(model, ids, CONTEXT, STRIDE, leading_bos(tok))["ppl"]
         base_ppl = base_ppl or ppl
         mine, ref = speeds(model), speeds(dense)  # the dense model beside every row
         up = {k: mine[k] / ref[k] for k in ("short", "long")}

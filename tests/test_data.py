@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from distillprune.data import (
     ResumableSampler,
     TextDataModule,
     collate,
+    leading_bos,
     load_documents,
     pack,
     split_documents,
@@ -30,6 +32,50 @@ def test_pack_is_the_token_stream_cut_into_blocks(tiny_tokenizer) -> None:
     assert all(len(b) == 4 for b in blocks)
     assert sum(blocks, []) == stream[: len(blocks) * 4]
     assert len(stream) - len(blocks) * 4 < 4  # only the incomplete tail is dropped
+
+
+def _bos_first(tokenizer):
+    """A copy of ``tokenizer`` that starts every encoding with BOS, as Gemma's and Llama 3's do."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    bos = tok.bos_token
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_token_id)]
+    )
+    return tok
+
+
+def test_blocks_start_with_bos_where_the_tokenizer_starts_with_it(tiny_tokenizer) -> None:
+    texts = ["To be, or not to be", "that is the question", "Whether 'tis nobler in the mind"]
+    assert leading_bos(tiny_tokenizer) is None  # the tiny (SmolLM2-like) tokenizer adds nothing
+    tok = _bos_first(tiny_tokenizer)
+    assert leading_bos(tok) == tok.bos_token_id and tok("a").input_ids[0] == tok.bos_token_id
+    blocks = pack(texts, tok, seq_len=4)["input_ids"]
+    stream = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert all(len(b) == 4 and b[0] == tok.bos_token_id for b in blocks)
+    assert sum((b[1:] for b in blocks), []) == stream[: len(blocks) * 3]  # BOS + 3 stream tokens each
+
+
+def test_perplexity_windows_start_with_bos_when_asked(tiny_model_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from distillprune.evaluation.metrics import strided_perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(3, 300, (40,), generator=torch.Generator().manual_seed(0))
+    got = strided_perplexity(model, ids, 16, 16, bos=1)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, 40, 16):  # non-overlapping windows: each scores all but its first token
+            window = torch.cat([torch.tensor([1]), ids[start : start + 16]]).unsqueeze(0)
+            logits = model(window).logits[0, 1:-1]  # predictions of window tokens 1.. from BOS + tokens
+            target = window[0, 2:]
+            total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            count += target.numel()
+    assert got["tokens"] == count and abs(got["loss"] - total / count) < 1e-3
 
 
 def test_split_holds_out_whole_documents_deterministically() -> None:

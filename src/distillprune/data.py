@@ -139,14 +139,29 @@ def _hub_documents(source: str) -> list[Document]:
 # ----------------------------------------------------------------------------------------------- encoding
 
 
+def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id when the tokenizer starts every encoding with it (Gemma, Llama 3: models that saw BOS first
+    in every pre-training sequence, and score far worse without it), else None (SmolLM2)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> Dataset:
-    """Tokenise, end every text with EOS, concatenate, and cut into blocks of ``seq_len`` (the tail is dropped)."""
+    """Tokenise, end every text with EOS, concatenate, and cut into blocks of ``seq_len`` (the tail is dropped);
+    for a tokenizer that starts its encodings with BOS, every block is BOS + ``seq_len - 1`` tokens."""
     stream: list[int] = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         stream.extend(ids)
         stream.append(tokenizer.eos_token_id)
-    n = len(stream) // seq_len
-    blocks = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)  # [n, seq_len]
+    bos = leading_bos(tokenizer)
+    width = seq_len - (bos is not None)
+    n = len(stream) // width
+    blocks = torch.tensor(stream[: n * width], dtype=torch.long).view(n, width)  # [n, width]
+    if bos is not None:
+        blocks = torch.cat([torch.full((n, 1), bos, dtype=torch.long), blocks], dim=1)  # [n, seq_len]
     return Dataset.from_dict({"input_ids": blocks.tolist()})
 
 

@@ -33,12 +33,22 @@ def perplexity(model: PreTrainedModel, loader: DataLoader) -> dict[str, float]:
 
 
 @torch.no_grad()
-def strided_perplexity(model: PreTrainedModel, ids: torch.Tensor, context: int, stride: int) -> dict[str, float]:
+def strided_perplexity(
+    model: PreTrainedModel, ids: torch.Tensor, context: int, stride: int, bos: int | None = None
+) -> dict[str, float]:
     """Perplexity of one long token stream scored by ``model`` in windows of ``context`` tokens moved by
-    ``stride`` (``windowed_perplexity``)."""
+    ``stride`` (``windowed_perplexity``); with ``bos`` (``data.leading_bos``), the model sees it before every
+    window, as it saw it before every pre-training sequence (the same tokens are scored)."""
+
+    def logits_of(window: torch.Tensor) -> torch.Tensor:  # [1, W] -> [1, W, V]
+        if bos is None:
+            return model(input_ids=window.to(device)).logits
+        first = torch.full((window.shape[0], 1), bos, dtype=window.dtype)
+        return model(input_ids=torch.cat([first, window], dim=1).to(device)).logits[:, 1:]
+
     with eval_mode(model):
         device = next(model.parameters()).device
-        return windowed_perplexity(lambda w: model(input_ids=w.to(device)).logits, ids, context, stride)
+        return windowed_perplexity(logits_of, ids, context, stride)
 
 
 def windowed_perplexity(

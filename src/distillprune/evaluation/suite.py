@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distillprune.data import document_text, load_documents, split_documents
+from distillprune.data import document_text, leading_bos, load_documents, split_documents
 from distillprune.errors import UserError
 from distillprune.evaluation import quantized
 from distillprune.evaluation.metrics import count_params, flops_per_token, strided_perplexity
@@ -95,7 +95,7 @@ def evaluate_models(
             "params": count_params(model),
             "flops_per_token": flops_per_token(model, ev.text.context),
             "weights_mb": round(weights_mb(model), 1),
-            "perplexity": strided_perplexity(model, ids, ev.text.context, ev.text.stride),
+            "perplexity": strided_perplexity(model, ids, ev.text.context, ev.text.stride, leading_bos(tok)),
         }
         if speed.batch_sizes:
             row["speed"] = generation_speed(
