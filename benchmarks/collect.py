@@ -48,7 +48,7 @@ def main() -> None:
         parts += [
             f"## {name}",
             "",
-            f"`{r['command']}` — {r['date']}; {where}; torch {m['torch']}.",
+            f"`{r['command']}` — {r['date']}; {where}; {_libraries(m)}.",
             "",
             r["tables_markdown"].replace("### ", "#### "),
             "",
@@ -59,6 +59,12 @@ def main() -> None:
     tmp.write_text("\n".join(parts))
     os.replace(tmp, out)
     print(f"written {out.relative_to(ROOT)} ({len(records)} results)")
+
+
+def _libraries(m: dict) -> str:
+    """torch and, where the result recorded them, the other libraries' versions."""
+    names = ("transformers", "lightning", "trl", "peft", "deepspeed", "compressed-tensors", "llama-cpp-python")
+    return ", ".join([f"torch {m['torch']}"] + [f"{n} {m[n]}" for n in names if m.get(n)])
 
 
 def _gpu_check(r: dict | None) -> list[str]:

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +41,21 @@ def machine() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        **versions(),
     }
+
+
+def versions() -> dict[str, str | None]:
+    """The versions of the libraries a result depends on (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("transformers", "lightning", "trl", "peft", "deepspeed", "compressed-tensors", "llama-cpp-python"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
@@ -108,6 +123,29 @@ def kd_blocks(tok: Any, seq_len: int, n: int, seed: int = 1234) -> torch.Tensor:
     dm = TextDataModule(tok, "shakespeare", seq_len=seq_len, batch_size=1, val_batches=None, seed=seed)
     dm.setup()
     return torch.tensor(dm.train_set.shuffle(seed=seed).select(range(n))["input_ids"])
+
+
+def interleaved(measure: dict[str, Any], rounds: int) -> dict[str, dict[str, float]]:
+    """Call each of ``measure``'s functions (name -> () -> a rate) once per round, in ABAB... order reversed every
+    other round (AB BA AB ...), so that a drift of the machine's speed falls on all of them alike. Per name: the
+    ``median``, ``min``, ``max`` and ``spread`` ((max - min) / median) of its rounds, and ``values``."""
+    names = list(measure)
+    values: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            values[name].append(float(measure[name]()))
+    out = {}
+    for name, vals in values.items():
+        mid = statistics.median(vals)
+        out[name] = {"median": mid, "min": min(vals), "max": max(vals),
+                     "spread": (max(vals) - min(vals)) / mid if mid else float("inf"), "values": vals}  # fmt: skip
+    return out
+
+
+def effect(base: dict[str, float], other: dict[str, float]) -> dict[str, Any]:
+    """``other``'s median over ``base``'s, and whether either one's spread exceeds the effect |ratio - 1|."""
+    ratio = other["median"] / base["median"]
+    return {"ratio": ratio, "noisy": max(base["spread"], other["spread"]) > abs(ratio - 1)}
 
 
 def linear_params(model: torch.nn.Module) -> int:

@@ -6,9 +6,11 @@ Same teacher (SmolLM2-135M), student (its layers [0, 6, 12, 18, 24, 29]), batch,
 same Shakespeare blocks for both. TRL runs GKDTrainer with beta=0 (forward KL, teacher || student), lmbda=0 (no
 on-policy samples), temperature 1, gradient checkpointing off, AdamW; distillprune runs DistillSystem with the
 same objective (kd_weight=1, ForwardKL, T=1) for each system.loss_impl. A step is forward (both models) + backward +
-optimizer step, data loading included; tokens/s is batch x seq_len over the median of the timed steps after the
-warm-up. Each engine runs in a fresh process, twice (in the order TRL, ours, ..., then reversed, so that a drift of
-the machine's speed does not favour one side); peak MB is the peak resident memory (VmHWM) of its processes.
+optimizer step, timed from each engine's step-begin hook to its step-end hook: the batch is fetched before the
+clock starts, so data loading is not included (the blocks are pre-tokenised tensors in memory, for both engines);
+tokens/s is batch x seq_len over the median of the timed steps after the warm-up. Each engine runs in a fresh
+process, twice (in the order TRL, ours, ..., then reversed, so that a drift of the machine's speed does not
+favour one side); peak MB is the peak resident memory (VmHWM) of its processes.
 Writes benchmarks/results/kd_throughput.json.
 """
 

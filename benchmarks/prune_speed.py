@@ -4,9 +4,10 @@
 
 The prune_lora recipe's pruning (Taylor importance from 8 calibration blocks, GQA-aware, uniform widths over
 layers 3-26), scored once and applied to a copy of the dense model per ratio, no recovery. Each model generates 32
-greedy tokens with the KV cache after a 64-token prompt at batch 1 and batch 16; the dense model is measured again
-beside every pruned one (alternating, median of ``repeats`` each) so that a drift of the machine's speed does not
-show up as a speed-up. Target: >= 1.25x at 20% (LLM-Pruner reports 1.18x on LLaMA-7B). Writes
+greedy tokens with the KV cache after a 64-token prompt at batch 1 and batch 16; dense and pruned runs interleave
+(AB BA AB ..., ``repeats`` rounds: ``common.interleaved``) so that a drift of the machine's speed does not show
+up as a speed-up; each cell is the median ± the spread (max - min over the median), and a speed-up smaller than
+either spread is marked "within the spread". Target: >= 1.25x at 20% (LLM-Pruner reports 1.18x on LLaMA-7B). Writes
 benchmarks/results/prune_speed.json.
 """
 
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TEACHER, kd_blocks, table, write_result  # noqa: E402
+from common import TEACHER, effect, interleaved, kd_blocks, table, write_result  # noqa: E402
 
 from distillprune.evaluation.metrics import count_params  # noqa: E402
 from distillprune.evaluation.speed import generation_speed  # noqa: E402
@@ -38,6 +40,11 @@ def pruned_copy(dense, scores, ratio: float, round_to: int = 1):
     checked = plan(model, ratio, LAYERS, "q_per_group", round_to, ("heads", "channels"))
     apply(model, select(scores, checked, layer_widths(model), "q_per_group", True, round_to))
     return model
+
+
+def tokens_per_s(model, prompts: torch.Tensor, batch: int, pad: int | None) -> float:
+    """One timed generation (after its warm-up) at ``batch``: new tokens per second."""
+    return generation_speed(model, prompts, [batch], 32, 1, pad)[str(batch)]["tokens_per_s"]
 
 
 def main() -> None:
@@ -60,13 +67,17 @@ def main() -> None:
         removed = 1 - count_params(model) / count_params(dense)
         speeds = {}
         for bs in (1, 16):
-            d = generation_speed(dense, prompts, [bs], 32, args.repeats, tok.pad_token_id)[str(bs)]
-            p = generation_speed(model, prompts, [bs], 32, args.repeats, tok.pad_token_id)[str(bs)]
-            speeds[bs] = {"dense": d, "pruned": p, "speedup": p["tokens_per_s"] / d["tokens_per_s"]}
+            runs = {name: functools.partial(tokens_per_s, m, prompts, bs, tok.pad_token_id)
+                    for name, m in (("dense", dense), ("pruned", model))}  # fmt: skip
+            timed = interleaved(runs, args.repeats)
+            up = effect(timed["dense"], timed["pruned"])
+            speeds[bs] = {**timed, "speedup": up["ratio"], "noisy": up["noisy"]}
+        cell = lambda s: f"{s['median']:.1f} ±{s['spread']:.0%}"  # noqa: E731 - median and (max - min) / median
+        up = lambda s: f"{s['speedup']:.2f}x" + (" (within the spread)" if s["noisy"] else "")  # noqa: E731
         rows.append([
             f"{ratio:.0%}", f"{removed:.1%}", count_params(model),
-            speeds[1]["dense"]["tokens_per_s"], speeds[1]["pruned"]["tokens_per_s"], f"{speeds[1]['speedup']:.2f}x",
-            speeds[16]["dense"]["tokens_per_s"], speeds[16]["pruned"]["tokens_per_s"], f"{speeds[16]['speedup']:.2f}x",
+            cell(speeds[1]["dense"]), cell(speeds[1]["pruned"]), up(speeds[1]),
+            cell(speeds[16]["dense"]), cell(speeds[16]["pruned"]), up(speeds[16]),
         ])  # fmt: skip
         data.append({"ratio": ratio, "removed_fraction": removed, "params": count_params(model), "speed": speeds})
         del model
