@@ -385,9 +385,10 @@ def _check_prunable(cfg: DictConfig, config: dict, folder: Path) -> None:
     if depth is not None and isinstance(depth.get("remove"), int) and isinstance(layers, int):
         removable_layers(layers, depth.remove, bool(depth.get("keep_first")), bool(depth.get("keep_last")))
     merged = OmegaConf.select(cfg, "merge.kv_heads", default=None)
-    if isinstance(merged, int) and isinstance(kv, int) and isinstance(heads, int) and (kv % merged or heads % merged):
-        fits = ", ".join(str(n) for n in range(1, kv + 1) if kv % n == 0 and heads % n == 0)
-        raise UserError(f"merge.kv_heads={merged}: {heads} query heads over {kv} KV heads; choose one of {fits}")
+    known = isinstance(merged, int) and isinstance(kv, int) and isinstance(heads, int)
+    if known and merged not in (fits := mergeable_kv_heads(heads, kv)):
+        raise UserError(f"merge.kv_heads={merged}: {heads} query heads over {kv} KV heads; "
+                        f"choose one of {', '.join(map(str, fits))}")  # fmt: skip
     if "prune" not in cfg:
         return
     spec = str(cfg.prune.get("layers", "all"))
@@ -399,6 +400,12 @@ def _check_prunable(cfg: DictConfig, config: dict, folder: Path) -> None:
         raise UserError(f"prune.layers '{spec}': use all, a slice like 3:27, or indices like 0,5,9") from None
     if any(not 0 <= i < layers for i in indices):
         raise UserError(f"prune.layers must be indices in [0, {layers - 1}], got {indices}")
+
+
+def mergeable_kv_heads(heads: int, kv_heads: int) -> list[int]:
+    """The KV-head counts a layer with ``heads`` query heads over ``kv_heads`` KV heads can be merged to: the
+    common divisors (each new head replaces a whole group of old ones and serves whole groups of queries)."""
+    return [n for n in range(1, kv_heads + 1) if kv_heads % n == 0 and heads % n == 0]
 
 
 def removable_layers(n_layers: int, remove: int, keep_first: bool, keep_last: bool) -> list[int]:

@@ -89,13 +89,14 @@ def evaluate_models(
         "dtype": str(first.dtype).removeprefix("torch."),
     }
     results: dict[str, Any] = {}
+    bos = leading_bos(tok)  # the models share the tokenizer: BOS before every window, or for none
     for name, model in models.items():
         t0 = time.perf_counter()
         row: dict[str, Any] = {
             "params": count_params(model),
             "flops_per_token": flops_per_token(model, ev.text.context),
             "weights_mb": round(weights_mb(model), 1),
-            "perplexity": strided_perplexity(model, ids, ev.text.context, ev.text.stride, leading_bos(tok)),
+            "perplexity": strided_perplexity(model, ids, ev.text.context, ev.text.stride, bos),
         }
         if speed.batch_sizes:
             row["speed"] = generation_speed(

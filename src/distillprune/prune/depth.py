@@ -30,6 +30,8 @@ def block_importance(model: PreTrainedModel, batches: Iterable[dict[str, Tensor]
         raise UserError(f"depth.importance '{method}' is unknown; choose {', '.join(DEPTH_IMPORTANCE)}")
     blocks = decoder_layers(model, family_of(model))
     batches = list(batches)
+    if not batches:
+        raise UserError("no calibration samples: depth.calibration.samples must be > 0")
     if method == "cosine":
         return _block_influence(model, blocks, batches)
     base = _ppl(model, batches)
@@ -68,9 +70,14 @@ def remove_layers(model: PreTrainedModel, drop: list[int]) -> PreTrainedModel:
     return model
 
 
+def _layer_input(args: tuple, kwargs: dict) -> Tensor:
+    """A decoder layer's hidden-state input as a forward hook sees it: [B, T, H]."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _skip(module: nn.Module, args: tuple, kwargs: dict, output):  # noqa: ANN001, ANN202
     """A forward hook that hands the layer's input on as its output (the layer left out)."""
-    hidden = args[0] if args else kwargs["hidden_states"]
+    hidden = _layer_input(args, kwargs)
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
@@ -79,7 +86,7 @@ def _block_influence(model: PreTrainedModel, blocks: nn.ModuleList, batches: lis
 
     def hook(i: int):
         def keep(module, args, kwargs, output):  # noqa: ANN001, ANN202
-            x = (args[0] if args else kwargs["hidden_states"]).float()  # [B, T, H]
+            x = _layer_input(args, kwargs).float()  # [B, T, H]
             y = (output[0] if isinstance(output, tuple) else output).float()
             total[i] += (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum().double().cpu()
 
@@ -94,14 +101,10 @@ def _block_influence(model: PreTrainedModel, blocks: nn.ModuleList, batches: lis
     finally:
         for h in handles:
             h.remove()
-    if tokens == 0:
-        raise UserError("no calibration samples: depth.calibration.samples must be > 0")
     return (total / tokens).float()
 
 
 def _ppl(model: PreTrainedModel, batches: list[dict[str, Tensor]]) -> float:
     losses = [float(model(input_ids=b["input_ids"].to(model.device), labels=b["input_ids"].to(model.device),
                           use_cache=False).loss) for b in batches]  # fmt: skip
-    if not losses:
-        raise UserError("no calibration samples: depth.calibration.samples must be > 0")
     return math.exp(sum(losses) / len(losses))

@@ -139,6 +139,15 @@ def parts(layer: nn.Module, family: Family) -> dict[str, Part]:
     return out
 
 
+def row_modules(p: dict[str, Part]) -> list[list[str]]:
+    """The row parts grouped by the projection that holds them, in order: [[q], [k], [v], [gate], [up]], or
+    [[q, k, v], [gate, up]] for fused projections."""
+    modules: dict[tuple[int, str], list[str]] = {}
+    for name in ROW_PARTS:
+        modules.setdefault((id(p[name].owner), p[name].name), []).append(name)
+    return list(modules.values())
+
+
 def projections(layer: nn.Module, family: Family) -> list[nn.Linear]:
     """A decoder layer's projection modules, each once, in the order of ``PARTS`` (seven, or five when fused)."""
     unique = {id(p.linear): p.linear for p in parts(layer, family).values()}

@@ -11,13 +11,13 @@ from transformers import PreTrainedModel
 from distillprune.errors import UserError
 from distillprune.prune.groups import decoder_layers, family_of, head_dim, layer_widths, parts
 from distillprune.prune.surgery import rewrite_config, set_rows
+from distillprune.validate import mergeable_kv_heads  # torch-free: validation checks it early
 
 
 def check(model: PreTrainedModel, kv_heads: int) -> None:
     """A one-line error unless every layer's query heads and KV heads split evenly into ``kv_heads`` groups."""
     for i, w in enumerate(layer_widths(model)):
-        if kv_heads < 1 or w.kv_heads % kv_heads or w.heads % kv_heads:
-            fits = [n for n in range(1, w.kv_heads + 1) if w.kv_heads % n == 0 and w.heads % n == 0]
+        if kv_heads not in (fits := mergeable_kv_heads(w.heads, w.kv_heads)):
             raise UserError(
                 f"merge.kv_heads={kv_heads}: layer {i} has {w.heads} query heads over {w.kv_heads} KV heads; "
                 f"choose one of {', '.join(map(str, fits))}"

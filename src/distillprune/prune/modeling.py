@@ -10,7 +10,17 @@ from __future__ import annotations
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from distillprune.prune.groups import FAMILIES, Family, Widths, decoder_layers, family_of, head_dim, parts, set_counts
+from distillprune.prune.groups import (
+    FAMILIES,
+    Family,
+    Widths,
+    decoder_layers,
+    family_of,
+    head_dim,
+    parts,
+    row_modules,
+    set_counts,
+)
 
 
 def resize_layers(model: PreTrainedModel, widths: list[Widths]) -> None:
@@ -20,14 +30,9 @@ def resize_layers(model: PreTrainedModel, widths: list[Widths]) -> None:
         p = parts(layer, adapter)
         rows = {"q": w.heads * hd, "k": w.kv_heads * hd, "v": w.kv_heads * hd, "gate": w.intermediate,
                 "up": w.intermediate}  # fmt: skip
-        sizes: dict[tuple[int, str], int] = {}
-        for name, n in rows.items():
-            key = (id(p[name].owner), p[name].name)
-            sizes[key] = sizes.get(key, 0) + n
-        for name in rows:
-            owner, attr = p[name].owner, p[name].name
-            if (id(owner), attr) in sizes:
-                setattr(owner, attr, _like(p[name].linear, out_features=sizes.pop((id(owner), attr))))
+        for names in row_modules(p):  # a fused projection holds the rows of all its parts
+            first = p[names[0]]
+            setattr(first.owner, first.name, _like(first.linear, out_features=sum(rows[n] for n in names)))
         for name, n in (("o", w.heads * hd), ("down", w.intermediate)):
             setattr(p[name].owner, p[name].name, _like(p[name].linear, in_features=n))
         set_counts(layer, adapter, model.config, w)

@@ -18,7 +18,6 @@ from transformers import PreTrainedModel
 from distillprune.errors import UserError
 from distillprune.prune.groups import (
     FAMILIES,
-    ROW_PARTS,
     Part,
     Widths,
     base_type,
@@ -27,6 +26,7 @@ from distillprune.prune.groups import (
     head_dim,
     layer_widths,
     parts,
+    row_modules,
     set_counts,
 )
 from distillprune.prune.importance import LayerScores
@@ -141,10 +141,7 @@ def apply(model: PreTrainedModel, keep: dict[int, dict[str, list[int]]]) -> PreT
 def set_rows(p: dict[str, Part], new: dict[str, tuple[Tensor, Tensor | None]]) -> None:
     """Replace the row parts named in ``new`` by the given (weight, bias) rows; a fused projection is rebuilt
     from all its parts in order, the ones not named kept as they are."""
-    modules: dict[tuple[int, str], list[str]] = {}
-    for name in ROW_PARTS:
-        modules.setdefault((id(p[name].owner), p[name].name), []).append(name)
-    for names in modules.values():
+    for names in row_modules(p):
         if not set(names) & set(new):
             continue
         first = p[names[0]]
