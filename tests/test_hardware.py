@@ -156,6 +156,22 @@ def test_prune_recipes_under_bf16_mixed(recipe: str, tiny_model_dir: Path, tiny_
     assert set(metrics["val_ppl"]) == {"dense", "pruned", "recovered"}
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # the branches of auto, forced either way
+@pytest.mark.parametrize("recipe", ["prune_depth", "merge_kv"])
+def test_depth_and_merge_recipes_under_both_precisions(recipe, precision, tiny_model_dir, tiny_text_file, tmp_path):
+    from test_depth_kv import _structure_overrides
+
+    out = tmp_path / recipe
+    calibration = [f"depth.calibration.source={tiny_text_file}", "depth.calibration.seq_len=32",
+                   "depth.calibration.samples=4", "depth.remove=2"] if recipe == "prune_depth" else []  # fmt: skip
+    args = _structure_overrides(tiny_model_dir, tiny_text_file, out)
+    run_train(f"recipe={recipe}", *args, *calibration, f"trainer.precision={precision}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["auto"]["precision"] == {"choice": precision, "why": "as requested"}
+    assert set(metrics["val_ppl"]) == {"dense", "pruned", "recovered"}
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 def test_optimizer_and_loss_impl_for_every_strategy_and_precision() -> None:
     from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
