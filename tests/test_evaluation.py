@@ -117,6 +117,23 @@ def test_packaged_tasks_are_well_formed_and_deterministic(tmp_path: Path) -> Non
             assert len(set(item["choices"])) == len(item["choices"]) and 0 <= item["label"] < len(item["choices"])
 
 
+def test_zero_shot_items_come_from_held_out_documents_that_no_packaged_set_trains_on() -> None:
+    from distillprune.incontext import load_task
+    from distillprune.passages import all_speeches, kjv_verses
+    from distillprune.prompts import packaged_prompts
+
+    train = set(all_speeches("train", 0.05, 1234)) | set(kjv_verses(80, 400, "train", 0.05, 1234))
+    held_out = set(all_speeches("held_out", 0.05, 1234)) | set(kjv_verses(80, 400, "held_out", 0.05, 1234))
+    assert held_out and train and not train & held_out
+    for name in TASKS:  # every context (or its first half) is a held-out passage
+        for item in TASKS[name](40, 1234, 0.05):
+            text = item["context"].removeprefix("Passage: ").split("\nQuestion:")[0]
+            assert any(p.startswith(text) for p in held_out), (name, text[:60])
+    prompts = packaged_prompts(288, 1234)
+    assert not any(p in row["prompt"] for row in prompts for p in held_out)
+    assert not {row["input"] for row in load_task("shakespeare_or_bible", 320, 1234)} & held_out
+
+
 def test_evaluate_recipe_side_by_side(tiny_model_dir: Path, tiny_tokenizer, tiny_text_file: Path, tmp_path: Path):
     other = make_tiny_model(tmp_path / "other", tiny_tokenizer, seed=1, num_hidden_layers=2)
     out = tmp_path / "eval"

@@ -57,8 +57,8 @@ def test_prune_recipes_on_the_gpu(recipe: str, tiny_model_dir: Path, tiny_text_f
     args = prune_overrides(tiny_model_dir, tiny_text_file, tmp_path / "p")
     if recipe == "prune_magnitude":
         args = [a for a in args if not a.startswith("prune.calibration")]
-    metrics = _run(recipe, [f"recipe={recipe}", *args])
-    assert set(metrics["val_ppl"]) == {"dense", "pruned", "recovered"}
+    metrics = _run(recipe, [f"recipe={recipe}", *args, "control=true"])  # the recipes' default dense control
+    assert set(metrics["val_ppl"]) == {"dense", "pruned", "control", "recovered"}
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "fsdp"])

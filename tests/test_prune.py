@@ -210,6 +210,29 @@ def test_prune_recipe_end_to_end(
     assert (out / "report" / "layer_widths.png").is_file() and "| recovered |" in (out / "report.md").read_text()
 
 
+@pytest.mark.parametrize("recipe", ["prune_lora", "prune_distill"])
+def test_the_dense_control_is_the_dense_model_through_the_same_recovery(
+    recipe: str, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    out, zero = tmp_path / "control", tmp_path / "ratio0"
+    run_train(f"recipe={recipe}", *prune_overrides(tiny_model_dir, tiny_text_file, out), "control=true")
+    run_train(f"recipe={recipe}", *prune_overrides(tiny_model_dir, tiny_text_file, zero), "prune.ratio=0")
+    metrics, reference = (json.loads((d / "metrics.json").read_text()) for d in (out, zero))
+    assert list(metrics["evaluation"]["models"]) == ["dense", "pruned", "control", "recovered"]
+    val = metrics["val_ppl"]
+    assert val["control"] != val["dense"]  # trained: not the dense model itself
+    # the control is what prune.ratio=0 recovers, on the same validation and evaluation text
+    assert val["control"] == pytest.approx(reference["val_ppl"]["recovered"], rel=1e-4)
+    ppl = {k: v["perplexity"]["ppl"] for k, v in metrics["evaluation"]["models"].items()}
+    assert ppl["control"] == pytest.approx(
+        reference["evaluation"]["models"]["recovered"]["perplexity"]["ppl"], rel=1e-4
+    )
+    fair = metrics["fair_ratio"]
+    assert fair["val_ppl"] == pytest.approx(val["recovered"] / val["control"], abs=1e-3)
+    assert fair["eval_ppl"] == pytest.approx(ppl["recovered"] / ppl["control"], abs=1e-3)
+    assert (out / "control" / "checkpoints").is_dir() and "fair_ratio:" in (out / "report.md").read_text()
+
+
 def test_prune_sweep_reports_ppl_and_speed_per_ratio(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path):
     out = tmp_path / "sweep"
     args = prune_overrides(tiny_model_dir, tiny_text_file, out)
@@ -256,9 +279,10 @@ def test_magnitude_masks_stay_fixed_through_training(model) -> None:
 def test_prune_magnitude_end_to_end(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "magnitude"
     args = [a for a in prune_overrides(tiny_model_dir, tiny_text_file, out) if not a.startswith("prune.calibration")]
-    run_train("recipe=prune_magnitude", *args)
+    run_train("recipe=prune_magnitude", *args, "control=true")  # the recipe's default: its dense control
     metrics = json.loads((out / "metrics.json").read_text())
     assert abs(metrics["sparsity"] - 0.5) < 0.01 and metrics["sparsity_after_recovery"] >= metrics["sparsity"]
+    assert set(metrics["val_ppl"]) == {"dense", "pruned", "control", "recovered"} and metrics["fair_ratio"]["val_ppl"]
     assert metrics["params"]["pruned"] == metrics["params"]["dense"] and "none" in metrics["speedup"]
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert (final.model.layers[1].mlp.up_proj.weight == 0).float().mean() > 0.3

@@ -262,7 +262,12 @@ def test_quantize_recipe_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> Non
     metrics = json.loads((out / "metrics.json").read_text())
     table = metrics["quantization"]
     assert list(table) == ["float32", "bfloat16", "int8-channel", "int4-channel", "int4-g64", "int4-g32",
-                           "gguf-F16", "gguf-Q8_0", "gguf-Q4_0"]  # fmt: skip
+                           "int4-g64-gptq", "int4-g64-awq", "gguf-F16", "gguf-Q8_0", "gguf-Q4_0"]  # fmt: skip
+    for method in ("gptq", "awq"):  # calibrated on the training split's windows, measured as loaded back
+        row = table[f"int4-g64-{method}"]
+        assert row["calibration"] == {"source": "shakespeare", "windows": 64, "seq_len": 256}
+        assert row["file_bytes"] == pytest.approx(table["int4-g64"]["file_bytes"], rel=0.02)
+        assert np.isfinite(metrics["evaluation"]["models"][f"int4-g64-{method}"]["perplexity"]["ppl"])
     ppl = {k: v["perplexity"]["ppl"] for k, v in metrics["evaluation"]["models"].items()}
     assert ppl["bfloat16"] == pytest.approx(ppl["float32"], rel=0.02)
     assert table["int4-g32"]["file_bytes"] < table["int8-channel"]["file_bytes"] < table["bfloat16"]["file_bytes"]
@@ -287,7 +292,8 @@ def test_compress_recipe_end_to_end(tiny_model_dir: Path, tiny_text_file: Path, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(w["intermediate"] % 64 == 0 for w in metrics["widths"])  # prune.round_to=64
     assert list(metrics["evaluation"]["models"]) == [
-        "dense", "pruned", "recovered", "bfloat16", "int8-channel", "int4-channel", "int4-g64", "int4-g32"
+        "dense", "pruned", "recovered", "bfloat16", "int8-channel", "int4-channel", "int4-g64", "int4-g32",
+        "int4-g64-gptq", "int4-g64-awq",
     ]  # fmt: skip
     table = metrics["quantization"]
     assert list(table)[0] == "recovered" and table["gguf-Q4_0"]["architecture"] == "deci"  # layers 0, 3 unpruned

@@ -413,3 +413,14 @@ class ChatDataModule(BlocksDataModule):
             if any(label != IGNORE_INDEX for label in encoded["labels"][1:]):  # something left to learn
                 rows.append(encoded)
         return Dataset.from_list(rows) if rows else Dataset.from_dict({"input_ids": [], "labels": []})
+
+
+def calibration_ids(
+    tokenizer: PreTrainedTokenizerBase, source: str, samples: int, seq_len: int, seed: int
+) -> torch.Tensor:
+    """``samples`` packed windows of ``seq_len`` tokens, drawn (seeded) from the training split of ``source``: the
+    calibration data of pruning and of GPTQ / AWQ; ``[n, seq_len]`` with n <= samples."""
+    dm = TextDataModule(tokenizer, source, seq_len=seq_len, batch_size=1, val_batches=None, seed=seed)
+    dm.setup()
+    n = min(samples, len(dm.train_set))
+    return torch.tensor(dm.train_set.shuffle(seed=seed).select(range(n))["input_ids"])  # [n, seq_len]

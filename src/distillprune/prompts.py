@@ -29,7 +29,8 @@ def load_prompts(source: str, n: int | None = None, seed: int = 1234) -> list[Pr
 def packaged_prompts(n: int, seed: int = 1234) -> list[PromptRow]:
     """``n`` prompts, a third of each kind, drawn deterministically from the packaged corpora."""
     rng = random.Random(seed)
-    speeches, verses = all_speeches(), kjv_verses(80, 300)
+    # the training side of the corpora: the zero-shot items come from the held-out plays and chapters
+    speeches, verses = all_speeches("train", 0.05, seed), kjv_verses(80, 300, "train", 0.05, seed)
     rows: list[PromptRow] = []
     for i, passage in enumerate(rng.sample(speeches, n // 3)):
         head, tail = _halves(passage)

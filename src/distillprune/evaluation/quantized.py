@@ -3,9 +3,10 @@
 A recipe with a ``quantize`` block (the ``quantize`` and ``compress`` recipes; any training recipe where the
 block lists something) gets, for the last model of its evaluation (the student, or the recovered model):
 
-- ``copies``: the model cast to each of ``quantize.dtypes`` and rounded to each scheme (round-to-nearest, every
-  decoder linear layer, ``distillprune.quant``), each scheme saved as a compressed-tensors folder vLLM serves
-  (``output_dir/quantized/<scheme>/``); they join the side-by-side evaluation;
+- ``copies``: the model cast to each of ``quantize.dtypes`` and quantized to each scheme (every decoder linear
+  layer: round-to-nearest, or GPTQ / AWQ on ``quantize.calibration`` through llm-compressor), each scheme saved
+  as a compressed-tensors folder vLLM serves (``output_dir/quantized/<scheme>/``; a calibrated one is always
+  saved and measured as loaded back from it); they join the side-by-side evaluation;
 - ``gguf_rows``: GGUF files for llama.cpp (``output_dir/gguf/``), measured under llama.cpp (PPL of the same
   held-out windows, batch-1 tokens/s) when llama-cpp-python is installed;
 - ``table``: one row per format (file size, weights in memory, tokens/s, PPL, zero-shot) for ``metrics.json``,
@@ -15,6 +16,7 @@ block lists something) gets, for the last model of its evaluation (the student, 
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,13 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distillprune.data import calibration_ids
 from distillprune.evaluation import llamacpp
 from distillprune.hardware import decide
+from distillprune.quant.calibrated import calibrated_folder
 from distillprune.quant.gguf import export_gguf
-from distillprune.quant.model import checked_targets, quantize_model, save_compressed, stored_bytes
-from distillprune.quant.settings import Scheme
+from distillprune.quant.model import checked_targets, load_compressed, quantize_model, save_compressed, stored_bytes
+from distillprune.quant.settings import CALIBRATED, Scheme
 
 
 def wanted(q: DictConfig | None) -> bool:
@@ -35,7 +39,7 @@ def wanted(q: DictConfig | None) -> bool:
 
 
 def copies(
-    q: DictConfig, label: str, model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: Path
+    q: DictConfig, label: str, model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: Path, seed: int
 ) -> tuple[dict[str, PreTrainedModel], dict[str, dict[str, Any]]]:
     """The quantized copies of ``model`` (named by dtype or scheme) and the first rows of the table."""
     schemes = [Scheme.of(dict(s)) for s in q.schemes]
@@ -46,7 +50,14 @@ def copies(
     for dtype in q.dtypes:
         models[str(dtype)] = copy.deepcopy(model).to(getattr(torch, str(dtype)))
         table[str(dtype)] = {"format": "safetensors", "file_bytes": stored_bytes(models[str(dtype)], {})}
+    ids = None  # calibration windows, drawn once for every GPTQ / AWQ scheme
     for scheme in schemes:
+        if scheme.method in CALIBRATED:
+            if ids is None:
+                c = q.calibration
+                ids = calibration_ids(tok, str(c.source), int(c.samples), int(c.seq_len), seed)  # [n, T]
+            models[scheme.name], table[scheme.name] = _calibrated(q, scheme, model, tok, out, ids)
+            continue
         quantized = copy.deepcopy(model)
         grids = quantize_model(quantized, scheme, tuple(q.ignore))
         row: dict[str, Any] = {"format": "compressed-tensors", "file_bytes": stored_bytes(quantized, grids)}
@@ -57,6 +68,22 @@ def copies(
         models[scheme.name] = quantized
         table[scheme.name] = row
     return models, table
+
+
+def _calibrated(
+    q: DictConfig, scheme: Scheme, model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: Path, ids: torch.Tensor
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """A GPTQ / AWQ copy as loaded back from its compressed-tensors folder, and its row."""
+    start = time.perf_counter()
+    folder = calibrated_folder(model, tok, scheme, ids, out / "quantized" / scheme.name, tuple(q.ignore))
+    row: dict[str, Any] = {"format": "compressed-tensors", "method": scheme.method, "folder": str(folder)}
+    row["quantize_s"] = round(time.perf_counter() - start, 1)
+    row["calibration"] = {"source": str(q.calibration.source), "windows": len(ids), "seq_len": ids.shape[1]}
+    row["file_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    loaded = load_compressed(folder, model.dtype).to(model.device).eval()
+    if scheme.method == "gptq":  # AWQ rescales the weights (and the norms before them): no like-for-like error
+        row["weight_rel_error"] = _weight_error(model, loaded, checked_targets(model, scheme, tuple(q.ignore)))
+    return loaded, row
 
 
 def gguf_rows(

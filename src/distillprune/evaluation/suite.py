@@ -126,10 +126,12 @@ def evaluate_stage(
     table: dict[str, dict[str, Any]] = {}
     if quantized.wanted(q):  # the last model (the trained one) beside its quantized copies
         label, last = list(models.items())[-1]
-        extra, table = quantized.copies(q, label, last, tok, out)
+        extra, table = quantized.copies(q, label, last, tok, out, cfg.seed)
         models = {**models, **extra}
     ids = held_out_ids(ev, tok, cfg.get("data"), cfg.seed)
     metrics["evaluation"] = evaluate_models(models, tok, ev, ids, out, cfg.seed)
+    if "control" in models and "recovered" in models:
+        metrics["fair_ratio"] = fair_ratio(metrics)
     plots = plot_training(out / "logs" / "metrics.csv", out / "report")
     sections = []
     if table:
@@ -142,7 +144,7 @@ def evaluate_stage(
         plots["layer_widths"] = plot_widths(metrics["widths_dense"], metrics["widths"], out / "report")
     if metrics.get("sweep"):
         plots["pruning_sweep"] = plot_sweep(metrics["sweep"], out / "report")
-    noted = ("steps", "speedup", "sparsity", "prune_s", "removed_layers")
+    noted = ("fair_ratio", "steps", "speedup", "sparsity", "prune_s", "removed_layers")
     notes = [f"{k}: {v}" for k, v in metrics.items() if k in noted]
     write_report(out, f"{cfg.recipe}: {out.name}", metrics["evaluation"], plots, notes, metrics.get("sweep"), sections)
     log_to_wandb(loggers or [], metrics["evaluation"], plots)
@@ -165,3 +167,17 @@ def _prompt_windows(ids: torch.Tensor, n: int, length: int) -> torch.Tensor:
         return ids[:0].reshape(0, max(length, 1))
     reps = -(-need // max(ids.numel(), 1))
     return ids.repeat(reps)[:need].reshape(n, length)  # [n, length]
+
+
+def fair_ratio(metrics: dict[str, Any]) -> dict[str, float]:
+    """Recovered / dense-control perplexity: ``val_ppl`` on the recovery data's held-out documents (in-domain),
+    ``eval_ppl`` on the evaluation text (``evaluate.text.source``; disjoint from the recovery data when it is
+    another corpus). 1.0 means that pruning cost nothing that the same training could not give the dense model."""
+    ratios = {}
+    val = metrics.get("val_ppl", {})
+    if "recovered" in val and "control" in val:
+        ratios["val_ppl"] = round(val["recovered"] / val["control"], 3)
+    rows = metrics["evaluation"]["models"]
+    if "perplexity" in rows["recovered"] and "perplexity" in rows["control"]:
+        ratios["eval_ppl"] = round(rows["recovered"]["perplexity"]["ppl"] / rows["control"]["perplexity"]["ppl"], 3)
+    return ratios

@@ -9,8 +9,9 @@ folder, so ``lm_eval --include_path <run>/zero_shot/tasks`` reproduces them outs
 - ``kjv_cloze``: the same over KJV verses.
 - ``shakespeare_or_bible``: a passage and the question whether it comes from Shakespeare or the Bible.
 
-Shakespeare items come from the plays that ``split_documents`` holds out (``val_fraction``, ``seed``): the same
-plays a Shakespeare-trained recipe validates on, when its data uses the same fraction and seed.
+Every item comes from the documents that ``split_documents`` holds out (``val_fraction``, ``seed``): Shakespeare's
+held-out plays and KJV's held-out chapters, the documents a recipe training on either corpus validates on (with
+the same fraction and seed), and which the packaged prompt and ICL sets leave out.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from typing import Any
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distillprune.data import load_documents, split_documents
 from distillprune.errors import UserError
 from distillprune.models import eval_mode
-from distillprune.passages import kjv_verses, speeches
+from distillprune.passages import all_speeches, kjv_verses
 
 Item = dict[str, Any]  # {"context": str, "choices": list[str], "label": int}
 
@@ -52,25 +52,20 @@ def _cloze(passages: list[str], n: int, rng: random.Random, choices: int = 4) ->
     return items
 
 
-def _held_out_speeches(val_fraction: float, seed: int) -> list[str]:
-    _, held_out = split_documents(load_documents("shakespeare"), val_fraction, seed)
-    return [s for _, play in held_out for s in speeches(play)]
-
-
 def shakespeare_cloze(n: int, seed: int, val_fraction: float) -> list[Item]:
-    return _cloze(_held_out_speeches(val_fraction, seed), n, random.Random(seed))
+    return _cloze(all_speeches("held_out", val_fraction, seed), n, random.Random(seed))
 
 
 def kjv_cloze(n: int, seed: int, val_fraction: float) -> list[Item]:
-    verses = kjv_verses(80, 300)
+    verses = kjv_verses(80, 300, "held_out", val_fraction, seed)
     rng = random.Random(seed)
     return _cloze(rng.sample(verses, min(len(verses), 4 * n)), n, rng)
 
 
 def shakespeare_or_bible(n: int, seed: int, val_fraction: float) -> list[Item]:
     rng = random.Random(seed)
-    speeches = _held_out_speeches(val_fraction, seed)
-    verses = kjv_verses(120, 400)
+    speeches = all_speeches("held_out", val_fraction, seed)
+    verses = kjv_verses(120, 400, "held_out", val_fraction, seed)
     half = n // 2
     rows = [(s, 0) for s in rng.sample(speeches, min(half, len(speeches)))]
     rows += [(v, 1) for v in rng.sample(verses, n - len(rows))]

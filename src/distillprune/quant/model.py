@@ -81,25 +81,11 @@ def save_compressed(
     """Save a ``quantize_model``-ed model as a compressed-tensors folder (atomically: written beside ``out``, then
     renamed). The integers and scales written are exactly ``quantized``'s, so loading gives the same weights."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-        QuantizationStatus,
-        apply_quantization_config,
-    )
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
-    args = QuantizationArgs(
-        num_bits=scheme.bits,
-        type="int",
-        symmetric=scheme.symmetric,
-        strategy=scheme.granularity,
-        group_size=scheme.group_size if scheme.granularity == "group" else None,
-    )
     names = sorted(quantized)
     config = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=[f"re:^{re.escape(n)}$" for n in names], weights=args)},
-        quantization_status=QuantizationStatus.FROZEN,
+        config_groups=config_groups(scheme, names), quantization_status=QuantizationStatus.FROZEN
     )
     copy = deepcopy(model).eval()  # compression replaces the copy's parameters
     apply_quantization_config(copy, config, show_progress=False)
@@ -125,6 +111,21 @@ def save_compressed(
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def config_groups(scheme: Scheme, names: list[str]) -> dict:
+    """compressed-tensors' description of ``scheme`` on exactly the linear layers ``names``: integer weights of
+    ``bits``, symmetric or with a zero point, one scale per tensor / channel / group."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(
+        num_bits=scheme.bits,
+        type="int",
+        symmetric=scheme.symmetric,
+        strategy=scheme.granularity,
+        group_size=scheme.group_size if scheme.granularity == "group" else None,
+    )
+    return {"group_0": QuantizationScheme(targets=[f"re:^{re.escape(n)}$" for n in names], weights=args)}
 
 
 def load_compressed(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -12,39 +12,54 @@ from distillprune.errors import UserError
 
 GRANULARITIES = ("tensor", "channel", "group")
 BITS = (2, 3, 4, 5, 6, 7, 8)
+# round-to-nearest here; GPTQ and AWQ through llm-compressor, at the widths vLLM's compressed-tensors W4A16 /
+# W8A16 kernels serve, per channel or per group (both calibrate each output channel's scales on data)
+METHODS = {"rtn": BITS, "gptq": (4, 8), "awq": (4, 8)}
+CALIBRATED = ("gptq", "awq")
+NAMES = {"rtn": "round-to-nearest", "gptq": "GPTQ", "awq": "AWQ"}
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """How one weight is quantized: ``bits``, symmetric or with a zero point, and the size of a block that shares
-    a scale (``granularity``: one per tensor, per output channel, or per ``group_size`` inputs of a channel)."""
+    """How one weight is quantized: ``bits``, symmetric or with a zero point, the size of a block that shares
+    a scale (``granularity``: one per tensor, per output channel, or per ``group_size`` inputs of a channel), and
+    the ``method`` that picks the integers: round-to-nearest (``rtn``) or, on calibration data, ``gptq`` / ``awq``."""
 
     bits: int = 4
     symmetric: bool = True
     granularity: str = "group"
     group_size: int = 128
+    method: str = "rtn"
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS:
-            raise UserError(f"quantize bits={self.bits} is not supported by round-to-nearest; choose one of {BITS}")
+        if self.method not in METHODS:
+            raise UserError(f"quantize method={self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.bits not in METHODS[self.method]:
+            raise UserError(
+                f"quantize bits={self.bits} is not supported by {NAMES[self.method]}; "
+                f"choose one of {METHODS[self.method]}"
+            )
         if self.granularity not in GRANULARITIES:
             raise UserError(f"quantize granularity={self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        if self.method in CALIBRATED and self.granularity == "tensor":
+            raise UserError(f"quantize method={self.method} scales per channel or group; not granularity=tensor")
         if self.granularity == "group" and self.group_size < 1:
             raise UserError(f"quantize group_size={self.group_size} must be a positive number of inputs")
 
     @classmethod
     def of(cls, spec: dict[str, Any]) -> Scheme:
         """A scheme from a recipe's mapping; a key that is not a field is a one-line error naming the fields."""
-        fields = ("bits", "symmetric", "granularity", "group_size")
+        fields = ("bits", "symmetric", "granularity", "group_size", "method")
         if unknown := sorted(set(spec) - set(fields)):
             raise UserError(f"quantize scheme {dict(spec)}: unknown key(s) {unknown}; a scheme has {', '.join(fields)}")
         return cls(**spec)
 
     @property
     def name(self) -> str:
-        """``int4-g128``, ``int8-channel``, ``int4-tensor-asym``: the scheme in the tables."""
+        """``int4-g128``, ``int8-channel``, ``int4-tensor-asym``, ``int4-g64-gptq``: the scheme in the tables."""
         block = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        return f"int{self.bits}-{block}" + ("" if self.symmetric else "-asym")
+        method = "" if self.method == "rtn" else f"-{self.method}"
+        return f"int{self.bits}-{block}" + ("" if self.symmetric else "-asym") + method
 
     def levels(self) -> tuple[int, int]:
         """The smallest and largest integer of the grid."""
@@ -96,8 +111,10 @@ def check_block(q: Any, widths: dict[str, int], free: dict[str, int], model_type
         raise UserError(
             f"quantize.gguf.types: GGUF export knows the Llama family ({', '.join(GGUF_FAMILIES)}), not {model_type!r}"
         )
-    for spec in q.schemes:
-        scheme = Scheme.of(dict(spec))
+    schemes = [Scheme.of(dict(spec)) for spec in q.schemes]
+    if any(s.method in CALIBRATED for s in schemes):
+        check_calibration(q)
+    for scheme in schemes:
         if scheme.granularity != "group":
             continue
         for what, width in widths.items():
@@ -108,6 +125,20 @@ def check_block(q: Any, widths: dict[str, int], free: dict[str, int], model_type
                     f"quantize group_size={scheme.group_size}: {what} can be pruned to any multiple of {multiple}, "
                     f"which the groups may not tile; make it a multiple of {scheme.group_size}"
                 )
+
+
+def check_calibration(q: Any) -> None:
+    """GPTQ / AWQ schemes need llm-compressor and a non-empty ``quantize.calibration`` block."""
+    if importlib.util.find_spec("llmcompressor") is None:
+        raise UserError(
+            "quantize method gptq/awq needs llm-compressor, which `make install` adds "
+            "(pip install --no-deps llmcompressor==0.14.0.1 auto-round==0.15.1)"
+        )
+    c = q.get("calibration")
+    if c is None or not c.get("source") or int(c.get("samples") or 0) < 1 or int(c.get("seq_len") or 0) < 1:
+        raise UserError(
+            "quantize method gptq/awq calibrates on data: set quantize.calibration.source, samples >= 1, seq_len >= 1"
+        )
 
 
 def quantized_widths(config: dict, prune: Any = None) -> tuple[dict[str, int], dict[str, int]]:

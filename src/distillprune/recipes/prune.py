@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.config import instantiate
-from distillprune.data import TextDataModule
+from distillprune.data import calibration_ids
 from distillprune.distill import frozen
 from distillprune.errors import UserError
 from distillprune.evaluation import speed
@@ -57,6 +57,7 @@ def magnitude_and_recover(cfg: DictConfig) -> dict[str, Any]:
     _measure(run, "pruned")
     metrics["speedup"] = "none: unstructured zeros run through the same dense kernels"
     model, loggers = distill_recovery(cfg, run.model, dense, loss, run.data, run.out)
+    control = dense_control(cfg, distill_recovery, loss)
     if model is None:  # not global rank 0: the training is this rank's whole share
         return {}
     finalize(model)
@@ -65,7 +66,7 @@ def magnitude_and_recover(cfg: DictConfig) -> dict[str, Any]:
     metrics["tokens_per_s"]["pruned"] = generation_speed(model, run.tokenizer)
     metrics["sparsity_after_recovery"] = round(sparsity_of(model, run.layers), 4)
     metrics["params"]["pruned"] = metrics["params"]["dense"]  # same shapes; zeros are still parameters
-    return _finish(cfg, run, (model, loggers), {"dense": cfg.model})
+    return _finish(cfg, run, (model, loggers), {"dense": cfg.model}, control)
 
 
 def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any], pruner: Pruner | None = None) -> dict[str, Any]:
@@ -101,7 +102,30 @@ def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any], pruner: Prun
         model = load_model(**{**cfg.model, "name": str(run.out / "pruned")}, device=run.model.device).eval()
     teacher = _frozen_teacher(dense) if recover is distill_recovery else None
     recovered = recover(cfg, model, teacher, loss, run.data, run.out)
-    return _finish(cfg, run, recovered, {"dense": cfg.model, "pruned": run.out / "pruned"})
+    del teacher
+    control = dense_control(cfg, recover, loss)
+    return _finish(cfg, run, recovered, {"dense": cfg.model, "pruned": run.out / "pruned"}, control)
+
+
+def dense_control(cfg: DictConfig, recover: Callable[..., Any], loss: Any) -> PreTrainedModel | None:
+    """With ``control: true``, the dense model given the same recovery as the pruned one (what ``prune.ratio=0``
+    gives: the same data, steps, schedule and seed, the dense model as its own KD teacher): the baseline that a
+    recovered model is fairly compared with, since recovery on one corpus also improves an unpruned model on it.
+    It trains on every rank, in ``output_dir/control`` (its own checkpoints and logs: a requeued job resumes it)."""
+    if not cfg.get("control"):
+        return None
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    device = run_device(str(cfg.trainer.accelerator))
+    model = load_model(**cfg.model, device=device).eval()
+    teacher = _frozen_teacher(load_model(**cfg.model, device=device).eval()) if recover is not lora_recovery else None
+    data = instantiate(cfg.data, tokenizer=load_tokenizer(cfg.model.name), seed=cfg.seed)  # a fresh position
+    data.setup("fit")
+    out = Path(cfg.output_dir) / "control"
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("dense control: the unpruned model through the same recovery, in %s", out)
+    own = cfg.copy()  # a resumed run resumes its control from the control's own newest checkpoint
+    own.resume = "auto" if cfg.get("resume") not in (None, "", "never") else None
+    return recover(own, model, teacher, loss, data, out)[0]
 
 
 class Pruner:
@@ -228,10 +252,11 @@ def _finish(
     run: _Run,
     recovered: tuple[PreTrainedModel | None, list[Logger]],
     before: dict[str, DictConfig | Path],
+    control: PreTrainedModel | None = None,
 ) -> dict[str, Any]:
     """Measure and export the recovered model, then evaluate it beside the models of ``before``, loaded again
-    (a model node, or an exported folder: training may have sharded the copies in memory), and write the
-    report."""
+    (a model node, or an exported folder: training may have sharded the copies in memory), and the dense
+    ``control`` when there is one, and write the report."""
     model, loggers = recovered
     if model is None:  # not global rank 0: the training is this rank's whole share
         return {}
@@ -240,6 +265,9 @@ def _finish(
     device = next(model.parameters()).device
     spec = lambda v: {**cfg.model, "name": str(v)} if isinstance(v, Path) else v
     models = {k: load_model(**spec(v), device=device).eval() for k, v in before.items()}
+    if control is not None:
+        run.metrics["val_ppl"]["control"] = perplexity(control, run.data.val_dataloader())["val_ppl"]
+        models["control"] = control.eval()
     evaluate_stage(cfg, {**models, "recovered": model}, run.tokenizer, run.out, run.metrics, loggers)
     run.metrics.update(wall_s=round(time.perf_counter() - run.start, 1), output_dir=str(run.out))
     write_metrics(run.metrics, run.out)
@@ -299,11 +327,8 @@ def _layers(spec: str, n: int) -> list[int]:
 
 def calibration(cfg: DictConfig, c: DictConfig, tok) -> list[dict[str, torch.Tensor]]:  # noqa: ANN001
     """Batches of ``c.samples`` calibration windows of ``c.seq_len`` tokens from ``c.source``."""
-    dm = TextDataModule(tok, c.source, seq_len=c.seq_len, batch_size=1, val_batches=None, seed=cfg.seed)
-    dm.setup()
-    n = min(c.samples, len(dm.train_set))
-    ids = torch.tensor(dm.train_set.shuffle(seed=cfg.seed).select(range(n))["input_ids"])  # [n, seq_len]
-    return [{"input_ids": ids[i : i + c.batch_size]} for i in range(0, n, c.batch_size)]
+    ids = calibration_ids(tok, c.source, c.samples, c.seq_len, cfg.seed)  # [n, seq_len]
+    return [{"input_ids": ids[i : i + c.batch_size]} for i in range(0, len(ids), c.batch_size)]
 
 
 def generation_speed(model: PreTrainedModel, tok, new_tokens: int = 32, repeats: int = 3) -> float:
