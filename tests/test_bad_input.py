@@ -22,8 +22,9 @@ from conftest import tiny_overrides as _tiny
 
 DOC = ROOT / "docs" / "bad_inputs.md"
 # most fail in 0.2 s; those that import torch (a checkpoint or tokenizer to read) or lightning (the keys that a
-# Trainer accepts) take 2-7 s on an idle 2-core CPU; the bound leaves room for a busy one
-SECONDS = 20
+# Trainer accepts) take 2-7 s on an idle 2-core CPU; the bound leaves room for a busy one (make test runs two
+# workers, each of which may be training beside this test's two subprocesses)
+SECONDS = 60
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_bad_inputs_fail_fast_in_one_line(assets: dict[str, Path], tmp_path: Pat
     assert not problems, "\n".join(problems)
     times = sorted(elapsed for _, elapsed, _ in results)
     # a load of the model takes longer than this even alone; make test shares the CPU between two workers
-    assert times[len(times) // 2] < 6, f"median {times[len(times) // 2]:.1f} s: validation got slow"
+    assert times[len(times) // 2] < 10, f"median {times[len(times) // 2]:.1f} s: validation got slow"
     for i, (what, text) in enumerate(rows):
         rows[i] = (what, text.replace(str(tmp_path), "<tmp>"))
     _check_doc(rows)
