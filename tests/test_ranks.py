@@ -51,11 +51,9 @@ def test_two_ranks_split_teacher_generation(tiny_model_dir: Path, tmp_path: Path
 def test_rank_zero_prunes_once_and_the_others_load_it(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path):
     out = tmp_path / "pd"
     done = run_train("recipe=prune_distill", *prune_overrides(tiny_model_dir, tiny_text_file, out),
-                     "trainer.strategy=ddp", "trainer.devices=2", "evaluate.speed.batch_sizes=[]",
-                     "control=true")  # the dense control trains on both ranks too  # fmt: skip
+                     "trainer.strategy=ddp", "trainer.devices=2", "evaluate.speed.batch_sizes=[]")  # fmt: skip
     assert done.stderr.count("loading the model that rank 0 pruned from") == 1
     assert "rank 1 waiting for every rank: pruning on rank 0" in done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert abs(metrics["params"]["removed_fraction"] - 0.2) < 0.01 and set(metrics["val_ppl"]) == {
-        "dense", "pruned", "recovered", "control"}  # fmt: skip
-    assert (out / "control" / "checkpoints").is_dir() and set(metrics["fair_ratio"]) == {"val_ppl", "eval_ppl"}
+        "dense", "pruned", "recovered"}  # fmt: skip
