@@ -57,7 +57,7 @@ def magnitude_and_recover(cfg: DictConfig) -> dict[str, Any]:
     _measure(run, "pruned")
     metrics["speedup"] = "none: unstructured zeros run through the same dense kernels"
     model, loggers = distill_recovery(cfg, run.model, dense, loss, run.data, run.out)
-    control = dense_control(cfg, distill_recovery, loss)
+    control = dense_control(cfg, distill_recovery, loss, run.tokenizer)
     if model is None:  # not global rank 0: the training is this rank's whole share
         return {}
     finalize(model)
@@ -103,25 +103,28 @@ def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any], pruner: Prun
     teacher = _frozen_teacher(dense) if recover is distill_recovery else None
     recovered = recover(cfg, model, teacher, loss, run.data, run.out)
     del teacher
-    control = dense_control(cfg, recover, loss)
+    control = dense_control(cfg, recover, loss, run.tokenizer)
     return _finish(cfg, run, recovered, {"dense": cfg.model, "pruned": run.out / "pruned"}, control)
 
 
-def dense_control(cfg: DictConfig, recover: Callable[..., Any], loss: Any) -> PreTrainedModel | None:
+def dense_control(
+    cfg: DictConfig, recover: Callable[..., Any], loss: Any, tok: PreTrainedTokenizerBase
+) -> PreTrainedModel | None:
     """With ``control: true``, the dense model given the same recovery as the pruned one (what ``prune.ratio=0``
     gives: the same data, steps, schedule and seed, the dense model as its own KD teacher): the baseline that a
     recovered model is fairly compared with, since recovery on one corpus also improves an unpruned model on it.
-    It trains on every rank, in ``output_dir/control`` (its own checkpoints and logs: a requeued job resumes it)."""
+    It trains in ``output_dir/control`` (its own checkpoints and logs: a requeued job resumes it); on several
+    ranks it is skipped with a warning for now."""
     if not cfg.get("control"):
         return None
-    if rank_and_world()[1] > 1:  # a second fit in a multi-rank process hung in testing: one rank only, for now
-        log.warning("control: skipped on %d ranks (run it with trainer.devices=1)", rank_and_world()[1])
+    if (world := rank_and_world()[1]) > 1:  # a second fit in a multi-rank process hung in testing
+        log.warning("control: skipped on %d ranks (run it with trainer.devices=1)", world)
         return None
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     device = run_device(str(cfg.trainer.accelerator))
     model = load_model(**cfg.model, device=device).eval()
     teacher = _frozen_teacher(load_model(**cfg.model, device=device).eval()) if recover is not lora_recovery else None
-    data = instantiate(cfg.data, tokenizer=load_tokenizer(cfg.model.name), seed=cfg.seed)  # a fresh position
+    data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)  # a fresh position
     data.setup("fit")
     out = Path(cfg.output_dir) / "control"
     out.mkdir(parents=True, exist_ok=True)
