@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from distillprune.hardware import library_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TEACHER = "smollm2-135m"
@@ -39,23 +41,9 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(total, 1) if total else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **library_versions(),
         "torch": torch.__version__,
-        "python": platform.python_version(),
-        **versions(),
     }
-
-
-def versions() -> dict[str, str | None]:
-    """The versions of the libraries a result depends on (None: not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("transformers", "lightning", "trl", "peft", "deepspeed", "compressed-tensors", "llama-cpp-python"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> str:

@@ -8,7 +8,7 @@ import sys
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import effect, interleaved, versions  # noqa: E402
+from common import effect, interleaved, machine  # noqa: E402
 
 
 def test_runs_interleave_and_reverse_every_other_round() -> None:
@@ -32,5 +32,8 @@ def test_an_effect_smaller_than_the_spread_is_flagged() -> None:
 
 
 def test_every_result_records_the_library_versions() -> None:
-    found = versions()
-    assert found["transformers"] and found["lightning"] and "trl" in found
+    from importlib.metadata import version
+
+    found = machine()  # every benchmark result's "machine"; recipes write the same under metrics.json "versions"
+    assert found["transformers"] == version("transformers") and found["lightning"] == version("lightning")
+    assert found["torch"] and found["python"] and "trl" in found and "peft" in found

@@ -101,6 +101,7 @@ def test_lm_eval_zero_shot_matches_a_direct_scorer(model, tiny_tokenizer, tmp_pa
         assert got[name]["acc"] == pytest.approx(acc / len(items), abs=1e-4), name
         assert got[name]["acc_norm"] == pytest.approx(acc_norm / len(items), abs=1e-4), name
         assert got[name]["acc_stderr"] == pytest.approx(math.sqrt(acc / 12 * (1 - acc / 12) / 11), abs=1e-4)
+        assert got[name]["chance"] == {"shakespeare_or_bible": 0.5}.get(name, 0.25)  # two choices, or four
 
 
 def test_packaged_tasks_are_well_formed_and_deterministic(tmp_path: Path) -> None:
@@ -131,7 +132,9 @@ def test_zero_shot_items_come_from_held_out_documents_that_no_packaged_set_train
             assert any(p.startswith(text) for p in held_out), (name, text[:60])
     prompts = packaged_prompts(288, 1234)
     assert not any(p in row["prompt"] for row in prompts for p in held_out)
-    assert not {row["input"] for row in load_task("shakespeare_or_bible", 320, 1234)} & held_out
+    for name in ("shakespeare_or_bible", "last_word", "verse_book"):  # the ICL tasks' passages: the training side
+        inputs = {row["input"] for row in load_task(name, 600, 1234).rows}
+        assert not any(p in text or text in p for text in inputs for p in held_out), name
 
 
 def test_evaluate_recipe_side_by_side(tiny_model_dir: Path, tiny_tokenizer, tiny_text_file: Path, tmp_path: Path):
@@ -155,7 +158,7 @@ def test_evaluate_recipe_side_by_side(tiny_model_dir: Path, tiny_tokenizer, tiny
     report = (out / "report.md").read_text()
     assert "windows of 32 tokens moved by 16" in report
     assert "| model | params | FLOPs/token | PPL |" in report and f"| model: {other} |" in report
-    assert "kjv_cloze acc | kjv_cloze acc_norm" in report
+    assert "kjv_cloze acc (chance 0.25) | kjv_cloze acc_norm (chance 0.25)" in report
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # the table went to the W&B run
 
 

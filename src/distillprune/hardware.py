@@ -139,3 +139,20 @@ def choose_attention(
             "float16; use auto or sdpa"
         )
     return decide(f"{role}_attention", requested, "as requested")
+
+
+LIBRARIES = ("torch", "transformers", "lightning", "trl", "peft", "deepspeed", "compressed-tensors", "llama-cpp-python")
+
+
+def library_versions() -> dict[str, str | None]:
+    """Python's and the installed versions of the libraries a result depends on (None: not installed)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

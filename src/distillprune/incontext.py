@@ -4,8 +4,11 @@ their answer accuracy, and the DataModule that trains on both views of the same 
 
 from __future__ import annotations
 
+import math
 import random
 import re
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +20,70 @@ from distillprune.data import BlocksDataModule, Document, encode_chat, jsonl_row
 from distillprune.errors import UserError
 from distillprune.generate import batches, chat_prompt, generate, stop_ids
 from distillprune.losses import IGNORE_INDEX
-from distillprune.passages import all_speeches, kjv_verses
+from distillprune.passages import all_speeches, kjv_rows, kjv_verses, verse_lines
 
 Example = dict[str, str]  # {"input", "output"}
 
 
-def load_task(source: str, n: int | None, seed: int) -> list[Example]:
-    """``shakespeare_or_bible`` (packaged) or a ``.jsonl`` of ``{"input", "output"}`` rows."""
-    if source == "shakespeare_or_bible":
-        rng = random.Random(seed)
-        # the training side of the corpora: the zero-shot items come from the held-out plays and chapters
-        lines, verses = all_speeches("train", 0.05, seed), kjv_verses(80, 300, "train", 0.05, seed)
-        half = (n or 320) // 2
-        rows = [{"input": s, "output": "Shakespeare"} for s in rng.sample(lines, half)]
-        rows += [{"input": v, "output": "Bible"} for v in rng.sample(verses, half)]
-        return rows
+@dataclass(frozen=True)
+class Task:
+    """A task's examples, the instruction its prompts begin with (None: none) and how answers compare."""
+
+    rows: list[Example]
+    instruction: str | None
+    case_sensitive: bool = False
+
+    def chance(self, rows: list[Example]) -> float:
+        """The accuracy of always giving the most common answer of ``rows`` (0.5 for two balanced classes)."""
+        counts = Counter(tuple(_words(r["output"], self.case_sensitive)) for r in rows)
+        return round(max(counts.values()) / len(rows), 4)
+
+
+def _shakespeare_or_bible(n: int, rng: random.Random, seed: int) -> list[Example]:
+    lines, verses = all_speeches("train", 0.05, seed), kjv_verses(80, 300, "train", 0.05, seed)
+    rows = [{"input": s, "output": "Shakespeare"} for s in rng.sample(lines, n // 2)]
+    return rows + [{"input": v, "output": "Bible"} for v in rng.sample(verses, n - n // 2)]
+
+
+def _last_word(n: int, rng: random.Random, seed: int) -> list[Example]:
+    lines = rng.sample(verse_lines("train", 0.05, seed), n)
+    return [{"input": line, "output": re.findall(r"[\w']+", line)[-1]} for line in lines]
+
+
+def _verse_book(n: int, rng: random.Random, seed: int) -> list[Example]:
+    rows = rng.sample(kjv_rows(40, 160, "train", 0.05, seed), n)
+    return [{"input": f"{r['citation']} {r['text']}", "output": r["book"]} for r in rows]
+
+
+def _capitalise(n: int, rng: random.Random, seed: int) -> list[Example]:
+    words = {w for line in verse_lines("train", 0.05, seed) for w in re.findall(r"\b[a-z]{4,12}\b", line)}
+    return [{"input": w, "output": w.capitalize()} for w in rng.sample(sorted(words), n)]
+
+
+# name (choices.ICL_TASKS) -> (examples from the training side of the packaged texts, instruction,
+# case-sensitive); the zero-shot evaluation items come from the held-out plays and chapters
+PACKAGED: dict[str, tuple[Any, str, bool]] = {
+    "capitalise": (_capitalise, "Write this word with a capital first letter. Answer with the word only.", True),
+    "verse_book": (_verse_book, "Which book of the Bible is this verse from? Answer with the book's name only.", False),
+    "last_word": (_last_word, "What is the last word of this line? Answer with that word only.", False),
+    "shakespeare_or_bible": (
+        _shakespeare_or_bible,
+        "Is this text from Shakespeare or from the Bible? Answer with one word: Shakespeare or Bible.",
+        False,
+    ),
+}
+
+
+def load_task(source: str, n: int | None, seed: int, instruction: str | None = "auto") -> Task:
+    """A packaged task (``PACKAGED``: ``n`` examples, 600 when None) or a ``.jsonl`` of ``{"input", "output"}``
+    rows (compared ignoring case). ``instruction``: ``auto`` takes the packaged task's own (a file: none)."""
+    if source in PACKAGED:
+        build, own, case_sensitive = PACKAGED[source]
+        rows = build(n or 600, random.Random(seed), seed)
+        return Task(rows, own if instruction == "auto" else instruction, case_sensitive)
     path = Path(source)
     if not path.is_file():
-        raise UserError(f"task '{source}': not a packaged task (shakespeare_or_bible) and no such file")
+        raise UserError(f"task '{source}': not a packaged task ({', '.join(PACKAGED)}) and no such file")
     rows = []
     for line, row in jsonl_rows(path):
         if not (isinstance(row.get("input"), str) and isinstance(row.get("output"), str)):
@@ -42,14 +91,22 @@ def load_task(source: str, n: int | None, seed: int) -> list[Example]:
         rows.append({"input": row["input"], "output": row["output"]})
     if not rows:
         raise UserError(f"task file {path} is empty")
-    return rows[:n] if n else rows
+    return Task(rows[:n] if n else rows, None if instruction == "auto" else instruction)
 
 
-def answer_matches(generated: str, gold: str) -> bool:
-    """The answer's first words equal the gold answer, ignoring case and punctuation."""
-    words = lambda text: re.findall(r"[\w']+", text.lower())  # noqa: E731
-    want = words(gold)
-    return bool(want) and words(generated)[: len(want)] == want
+def _words(text: str, case_sensitive: bool = False) -> list[str]:
+    return re.findall(r"[\w']+", text if case_sensitive else text.lower())
+
+
+def answer_matches(generated: str, gold: str, case_sensitive: bool = False) -> bool:
+    """The answer's first words equal the gold answer, ignoring punctuation (and case, unless ``case_sensitive``)."""
+    want = _words(gold, case_sensitive)
+    return bool(want) and _words(generated, case_sensitive)[: len(want)] == want
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """The binomial standard error of an accuracy over ``n`` items."""
+    return round(math.sqrt(accuracy * (1 - accuracy) / n), 4)
 
 
 def task_accuracy(
@@ -59,6 +116,7 @@ def task_accuracy(
     view: str,
     gen: DictConfig,
     synced: bool = False,
+    case_sensitive: bool = False,
 ) -> float:
     """Greedy accuracy with the ``student`` (zero-shot) or ``teacher`` (few-shot) prompt of each example
     (``synced``: every rank runs the same forward passes, for a model that exists only as shards)."""
@@ -68,14 +126,16 @@ def task_accuracy(
         stops = stop_ids(model, tok)
         outs = generate(model, prompts, tok.pad_token_id, stops, max_new_tokens=gen.max_new_tokens, synced_gpus=synced)
         for v, o in zip(chunk, outs, strict=True):
-            correct += answer_matches(tok.decode(o, skip_special_tokens=True), v["output"])
+            correct += answer_matches(tok.decode(o, skip_special_tokens=True), v["output"], case_sensitive)
     return round(correct / len(views), 4)
 
 
-def two_views(query: Example, demos: list[Example], task: DictConfig, rng: random.Random, qid: str) -> dict[str, Any]:
+def two_views(
+    query: Example, demos: list[Example], task: DictConfig, instruction: str | None, rng: random.Random, qid: str
+) -> dict[str, Any]:
     """The teacher's view of ``query`` (``task.k`` demonstrations drawn from ``demos``, then the query) and the
-    student's (the query alone, with the instruction only when ``task.student_instruction``)."""
-    ask = lambda x: f"{task.instruction}\n\n{x}" if task.instruction else x  # noqa: E731
+    student's (the query alone, with the ``instruction`` only when ``task.student_instruction``)."""
+    ask = lambda x: f"{instruction}\n\n{x}" if instruction else x  # noqa: E731
     shots = []
     for d in rng.sample(demos, task.k):
         shots += [{"role": "user", "content": ask(d["input"])}, {"role": "assistant", "content": d["output"]}]

@@ -25,6 +25,7 @@ from distillprune.choices import (
     DEPTH_IMPORTANCE,
     DTYPES,
     GQA_MODES,
+    ICL_TASKS,
     IMPORTANCE,
     LOSS_IMPLS,
     PRECISIONS,
@@ -213,7 +214,7 @@ def check_ranges(cfg: DictConfig) -> None:
 
 def check_files(cfg: DictConfig) -> None:
     """Data, prompt, task, calibration and evaluation sources that name files exist and can be read."""
-    packaged = {"prompts.source": ("packaged",), "task.source": ("shakespeare_or_bible",)}
+    packaged = {"prompts.source": ("packaged",), "task.source": ICL_TASKS}
     for key in ("data.source", "data.val_source", "prompts.source", "task.source", "prune.calibration.source",
                 "depth.calibration.source",
                 "evaluate.text.source"):  # fmt: skip

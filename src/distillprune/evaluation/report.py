@@ -171,7 +171,10 @@ def comparison_rows(evaluation: dict[str, Any]) -> tuple[list[str], list[list[st
     tasks = list(first.get("zero_shot", {}))
     header = ["model", *(c[0] for c in _COLUMNS)]
     header += [f"{h} (batch {b})" for b in batches for h in ("tokens/s", "TTFT ms", "peak MB")]
-    header += [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")]
+    chance = {t: first["zero_shot"][t].get("chance") for t in tasks}
+    header += [
+        f"{t} {m}" + (f" (chance {chance[t]:.2f})" if chance[t] else "") for t in tasks for m in ("acc", "acc_norm")
+    ]
     rows = []
     for name, ev in models.items():
         row = [name] + [_fmt(_get(ev, path), fmt) for _, path, fmt in _COLUMNS]
@@ -213,7 +216,8 @@ def write_report(
     if s.get("zero_shot_tasks"):
         lines.append(
             f"Zero-shot (lm-eval-harness, local task definitions under zero_shot/tasks): acc and acc_norm "
-            f"(length-normalised) ± binomial standard error, {s['zero_shot_n']} items per task."
+            f"(length-normalised) ± binomial standard error, {s['zero_shot_n']} items per task; chance is the "
+            f"expected accuracy of a uniform guess among the choices."
         )
     lines.append(f"Device: {s['device']}, dtype {s['dtype']}.")
     header, rows = comparison_rows(evaluation)

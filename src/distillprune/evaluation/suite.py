@@ -146,6 +146,8 @@ def evaluate_stage(
         plots["pruning_sweep"] = plot_sweep(metrics["sweep"], out / "report")
     noted = ("fair_ratio", "steps", "speedup", "sparsity", "prune_s", "removed_layers")
     notes = [f"{k}: {v}" for k, v in metrics.items() if k in noted]
+    if "accuracy" in metrics:  # in-context distillation's task accuracies
+        notes.insert(0, accuracy_note(metrics))
     write_report(out, f"{cfg.recipe}: {out.name}", metrics["evaluation"], plots, notes, metrics.get("sweep"), sections)
     log_to_wandb(loggers or [], metrics["evaluation"], plots)
 
@@ -167,6 +169,13 @@ def _prompt_windows(ids: torch.Tensor, n: int, length: int) -> torch.Tensor:
         return ids[:0].reshape(0, max(length, 1))
     reps = -(-need // max(ids.numel(), 1))
     return ids.repeat(reps)[:need].reshape(n, length)  # [n, length]
+
+
+def accuracy_note(metrics: dict[str, Any]) -> str:
+    """One line: each task accuracy ± its standard error, with the task's chance level and item count."""
+    se, ex = metrics["accuracy_se"], metrics["examples"]
+    parts = [f"{name} {value:.3f} ± {se[name]:.3f}" for name, value in metrics["accuracy"].items()]
+    return f"accuracy on {metrics['task']} ({ex['eval']} items, chance {metrics['chance']:.3f}): " + ", ".join(parts)
 
 
 def fair_ratio(metrics: dict[str, Any]) -> dict[str, float]:

@@ -81,7 +81,7 @@ TASKS: dict[str, Callable[[int, int, float], list[Item]]] = {
 }
 
 
-def write_tasks(folder: Path, names: list[str], n: int, seed: int, val_fraction: float) -> dict[str, int]:
+def write_tasks(folder: Path, names: list[str], n: int, seed: int, val_fraction: float) -> dict[str, list[Item]]:
     """Write the data and lm-eval YAML of each named task under ``folder``; returns {lm-eval task name: items}."""
     if unknown := [t for t in names if t not in TASKS]:
         raise UserError(f"unknown zero-shot task(s) {unknown}; packaged tasks: {', '.join(TASKS)}")
@@ -106,7 +106,7 @@ def write_tasks(folder: Path, names: list[str], n: int, seed: int, val_fraction:
             "metadata": {"version": 1.0},
         }
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        written[spec["task"]] = len(items)
+        written[spec["task"]] = items
     return written
 
 
@@ -121,7 +121,7 @@ def run_zero_shot(
     batch_size: int = 16,
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` on the named packaged tasks with lm-eval; ``{task: {acc, acc_stderr, acc_norm,
-    acc_norm_stderr, n}}``."""
+    acc_norm_stderr, n, chance}}``."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -145,8 +145,10 @@ def run_zero_shot(
             os.environ.pop("TQDM_DISABLE")
     out = {}
     for name, task in zip(names, task_names, strict=True):
-        r, count = results[task], task_names[task]
-        out[name] = {"n": count}
+        r, items = results[task], task_names[task]
+        count = len(items)
+        # chance: the expected accuracy of a uniform guess among each item's choices
+        out[name] = {"n": count, "chance": round(sum(1 / len(i["choices"]) for i in items) / count, 4)}
         for metric in ("acc", "acc_norm"):
             p = float(r[f"{metric},none"])
             out[name][metric] = round(p, 4)

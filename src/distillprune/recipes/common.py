@@ -31,7 +31,7 @@ from distillprune.checkpoint import (
 from distillprune.config import default_output_dir, instantiate
 from distillprune.errors import UserError
 from distillprune.evaluation.report import comparison_rows
-from distillprune.hardware import decisions, resolve_precision
+from distillprune.hardware import decisions, library_versions, resolve_precision
 from distillprune.losses import Divergence
 from distillprune.models import load_model
 from distillprune.quant.model import end_fake_quantized, train_fake_quantized
@@ -240,6 +240,7 @@ def write_metrics(metrics: dict[str, Any], out: Path) -> None:
     if rank_zero_only.rank != 0:  # one writer: ranks that reach the end of a stage together (generate-only)
         return
     metrics["auto"] = decisions()  # what each auto setting chose on this machine, and why
+    metrics["versions"] = library_versions()
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")

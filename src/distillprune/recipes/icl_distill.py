@@ -4,8 +4,10 @@ k demonstrations, the student sees the query alone and learns to answer as the f
 The answers to learn are the teacher's own few-shot answers (generated once and stored). ``system.kd_weight``
 chooses the loss: 1.0 matches the teacher's few-shot distribution with the student's zero-shot one on the answer
 tokens (the two views hold the same answer tokens at different offsets); 0.0 is sequence-level (CE on the
-teacher's answers). The packaged task asks whether a line is from Shakespeare or the Bible, in one word: the
-zero-shot teacher answers in sentences, the few-shot teacher in the demonstrated format.
+teacher's answers). The packaged tasks (``incontext.PACKAGED``) are built from the training side of the packaged
+texts: a word and its capitalised form, a KJV verse and its book, a line and its last word, a passage and whether it
+is Shakespeare's or the Bible's. Every accuracy comes with its standard error and the task's chance level (always
+giving the most common answer).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from distillprune.errors import UserError
 from distillprune.evaluation.suite import evaluate_stage
 from distillprune.generate import chat_prompt, teacher_responses
 from distillprune.hardware import run_device
-from distillprune.incontext import load_task, task_accuracy, two_views
+from distillprune.incontext import load_task, standard_error, task_accuracy, two_views
 from distillprune.models import export, load_model, load_tokenizer
 from distillprune.ranks import rank_and_world
 from distillprune.recipes.common import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
@@ -37,7 +39,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loss = kd_loss(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = cfg.task
-    examples = load_task(task.source, task.n, cfg.seed)
+    spec = load_task(task.source, task.n, cfg.seed, task.instruction)
+    examples = spec.rows
     rng = random.Random(cfg.seed)
     rng.shuffle(examples)
     n_eval, n_demos = task.n_eval, task.n_demos
@@ -52,8 +55,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     teacher = load_model(**cfg.teacher, device=device, role="teacher")  # whole: every rank generates with it
     how = sharded.loading(cfg)  # under ZeRO-3 / FSDP on several ranks no rank holds a whole student
     student = sharded.load_trained_student(cfg.student, how, cfg, device)
-    views = [two_views(q, demos, task, rng, f"q{i}") for i, q in enumerate(queries)]
-    eval_views = [two_views(q, demos, task, rng, f"e{i}") for i, q in enumerate(evals)]
+    views = [two_views(q, demos, task, spec.instruction, rng, f"q{i}") for i, q in enumerate(queries)]
+    eval_views = [two_views(q, demos, task, spec.instruction, rng, f"e{i}") for i, q in enumerate(evals)]
     few_shot = [{"id": v["id"], "messages": v["teacher"]} for v in views]
     longest = max(len(chat_prompt(tok, p)) for p in few_shot) + cfg.generate.max_new_tokens
     if longest > cfg.data.seq_len:  # say so now, not after minutes of generation
@@ -65,20 +68,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for v in views:
         v["answer"] = answers[v["id"]]["response"]
 
-    gen = cfg.generate
+    gen, case = cfg.generate, spec.case_sensitive
     accuracy = {}
     if rank_and_world()[0] == 0:  # measured once; the other ranks go on to training
         accuracy = {
-            "teacher_zero_shot": task_accuracy(teacher, tok, eval_views, "student", gen),
-            "teacher_few_shot": task_accuracy(teacher, tok, eval_views, "teacher", gen),
+            "teacher_zero_shot": task_accuracy(teacher, tok, eval_views, "student", gen, case_sensitive=case),
+            "teacher_few_shot": task_accuracy(teacher, tok, eval_views, "teacher", gen, case_sensitive=case),
         }
         if how == "whole":
-            accuracy["student_before"] = task_accuracy(student, tok, eval_views, "student", gen)
+            accuracy["student_before"] = task_accuracy(student, tok, eval_views, "student", gen, case_sensitive=case)
     before = None
     if how != "whole":  # the sharded student's answers: every rank, inside fit
         before = sharded.BeforeTraining(
             lambda _, system: {
-                "student_before": task_accuracy(system.student, tok, eval_views, "student", gen, synced=True)
+                "student_before": task_accuracy(system.student, tok, eval_views, "student", gen, True, case)
             }
         )
     files = write_splits(out / "data", {"train": views, "val": [{**v, "answer": v["output"]} for v in eval_views]})
@@ -90,10 +93,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if student is None:  # not global rank 0: the training is this rank's whole share
         return {}
     accuracy.update(before.metrics if before is not None else {})
-    accuracy["student_after"] = task_accuracy(student, tok, eval_views, "student", gen)
+    accuracy["student_after"] = task_accuracy(student, tok, eval_views, "student", gen, case_sensitive=case)
     export(student, tok, out / "final")
     metrics = {
+        "task": task.source,
         "accuracy": accuracy,
+        "accuracy_se": {name: standard_error(value, n_eval) for name, value in accuracy.items()},
+        "chance": spec.chance(evals),
         "examples": {"train": len(queries), "demos": n_demos, "eval": n_eval, "k": task.k},
         "steps": int(trainer.global_step),
         "train_s": round(fit_s, 1),
