@@ -39,7 +39,8 @@ GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	OMP_NUM_THREADS=4 PYTHONPATH=src timeout 480 $(GPU_PY) -m pytest -q -m gpu -rs tests/test_gpu.py
 
-# every benchmark (about 55 minutes on a 2-core CPU, and 6 more to build llama-cpp-python once); tables print and land in benchmarks/results/*.json
+# every benchmark (over an hour on a 2-core CPU, and 6 minutes more to build llama-cpp-python once); tables print, land in
+# benchmarks/results/*.json, and collect.py rewrites BENCHMARKS.md and the README's summary from them
 BENCH_STAMP := $(VENV)/.installed-bench
 bench: install $(BENCH_STAMP)
 	$(PY) benchmarks/kd_throughput.py

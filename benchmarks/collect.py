@@ -1,5 +1,6 @@
 """Write BENCHMARKS.md from benchmarks/results/*.json: every benchmark's latest tables, with the command that
-produced them, when, and the machine they ran on.
+produced them, when, and the machine they ran on; and the README's summary of them (between its
+``<!-- bench:begin -->`` and ``<!-- bench:end -->`` lines), one line per benchmark read from the same results.
 
     python benchmarks/collect.py
 """
@@ -13,6 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT  # noqa: E402
+
+from distillprune.hardware import LIBRARIES  # noqa: E402
 
 ORDER = [
     "kd_throughput",
@@ -28,7 +31,7 @@ ORDER = [
 ]
 INTRO = """# Benchmarks
 
-`make bench` runs kd_throughput, mfu, prune_speed, structure, quality, quantize and qad (about 55 minutes on a
+`make bench` runs kd_throughput, mfu, prune_speed, structure, quality, quantize and qad (over an hour on a
 2-core CPU) and rewrites this file from `benchmarks/results/*.json` (`python benchmarks/collect.py`). Each
 section gives the command, the date and the machine of its latest run. Targets and what the numbers mean are in
 each script's docstring.
@@ -59,11 +62,91 @@ def main() -> None:
     tmp.write_text("\n".join(parts))
     os.replace(tmp, out)
     print(f"written {out.relative_to(ROOT)} ({len(records)} results)")
+    write_readme_summary(records, ROOT / "README.md")
+
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def write_readme_summary(records: dict[str, dict], readme: Path) -> None:
+    """Replace the lines between the README's bench markers with one line per benchmark that has a headline."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return
+    lines = []
+    for name in ORDER:
+        if name in records and name in HEADLINES:
+            r = records[name]
+            lines.append(f"- `{name}` ({r['date'][:10]}): {HEADLINES[name](r)}")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    tmp = readme.with_suffix(".tmp")
+    tmp.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail)
+    os.replace(tmp, readme)
+    print(f"written the benchmark summary of {readme} ({len(lines)} lines)")
+
+
+def _kd_throughput(r: dict) -> str:
+    rows = r["rows"]
+    fused, trl = rows["distillprune:fused_linear"], rows["trl"]
+    return (
+        f"KD step {fused['tokens_per_s']:.0f} tokens/s (fused loss) vs {trl['tokens_per_s']:.0f} for TRL's "
+        f"GKDTrainer, **{r['speedup_vs_trl']:.2f}×** (target 1.3×), peak {fused['peak_mb']:,} vs {trl['peak_mb']:,} MB"
+    )
+
+
+def _mfu(r: dict) -> str:
+    return f"the KD step reaches {r['mfu']:.1%} of this machine's measured float32 matmul rate"
+
+
+def _prune_speed(r: dict) -> str:
+    at20 = next(row["speed"] for row in r["rows"] if abs(row["ratio"] - 0.2) < 1e-9)
+    cells = []
+    for batch in ("1", "16"):
+        noisy = " (within the spread)" if at20[batch].get("noisy") else ""
+        cells.append(f"{at20[batch]['speedup']:.2f}× at batch {batch}{noisy}")
+    return f"20% of parameters pruned: generation {', '.join(cells)} (target 1.25×)"
+
+
+def _structure(r: dict) -> str:
+    dense, *rows = r["rows"]
+    parts = [f"{row['name']} {row['speedup']['short']:.2f}× decode, PPL {row['ppl']:,.1f}" for row in rows]
+    return f"dense PPL {dense['ppl']:.1f}; " + "; ".join(parts)
+
+
+def _quality(r: dict) -> str:
+    q = r["results"]
+    ce, kd = q["student_ce"]["after"], q["student_kd"]["after"]
+    return (
+        f"KD vs CE-only at equal steps: PPL {kd:,.1f} vs {ce:,.1f} ({kd / ce - 1:+.1%}); importance at 20%: Taylor "
+        f"{q['prune_taylor']['ppl']:,.1f}, L2 {q['prune_l2']['ppl']:,.1f}, random {q['prune_random']['ppl']:,.1f}; "
+        f"recovery LoRA {q['recovery_lora']['ppl']:.1f} vs KD {q['recovery_kd']['ppl']:.1f}"
+    )
+
+
+def _quantize(r: dict) -> str:
+    rows = r["rows"]
+    parts = [f"{name} PPL {row['ppl']:.1f}" for name, row in rows.items() if name.split(" (")[0] in _QUANT_SHOWN]
+    return "; ".join(parts) + f" (Q4_K_M target met: {'yes' if r.get('target_met') else 'no'})"
+
+
+_QUANT_SHOWN = ("fp32", "int8-channel", "int4-g64", "GGUF Q4_K_M")
+
+
+def _qad(r: dict) -> str:
+    return (
+        f"{r['scheme']} PPL after equal steps: {r['plain']['int4_ppl']:.1f} trained plainly vs "
+        f"{r['aware']['int4_ppl']:.1f} quantization-aware (float teacher {r['teacher_ppl']:.1f})"
+    )
+
+
+HEADLINES = {"kd_throughput": _kd_throughput, "mfu": _mfu, "prune_speed": _prune_speed, "structure": _structure,
+             "quality": _quality, "quantize": _quantize, "qad": _qad}  # fmt: skip
 
 
 def _libraries(m: dict) -> str:
     """torch and, where the result recorded them, the other libraries' versions."""
-    names = ("transformers", "lightning", "trl", "peft", "deepspeed", "compressed-tensors", "llama-cpp-python")
+    names = [n for n in LIBRARIES if n != "torch"]
     return ", ".join([f"torch {m['torch']}"] + [f"{n} {m[n]}" for n in names if m.get(n)])
 
 

@@ -37,3 +37,24 @@ def test_every_result_records_the_library_versions() -> None:
     found = machine()  # every benchmark result's "machine"; recipes write the same under metrics.json "versions"
     assert found["transformers"] == version("transformers") and found["lightning"] == version("lightning")
     assert found["torch"] and found["python"] and "trl" in found and "peft" in found
+
+
+def test_the_readme_summary_is_rewritten_from_the_results(tmp_path) -> None:
+    import json
+
+    from collect import BEGIN, END, HEADLINES, ORDER, write_readme_summary
+
+    records = {p.stem: json.loads(p.read_text()) for p in (ROOT / "benchmarks" / "results").glob("*.json")}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{BEGIN}\nstale line\n{END}\n\nafter\n")
+    write_readme_summary(records, readme)
+    text = readme.read_text()
+    lines = text.split(BEGIN)[1].split(END)[0].strip().splitlines()
+    assert "stale line" not in text and text.startswith("intro") and text.endswith("after\n")
+    assert [line.split("`")[1] for line in lines] == [n for n in ORDER if n in HEADLINES and n in records]
+    assert all(records[line.split("`")[1]]["date"][:10] in line for line in lines)
+    write_readme_summary(records, readme)
+    assert readme.read_text() == text  # rewriting changes nothing
+    # the README itself holds the summary of the results it ships with
+    shipped = (ROOT / "README.md").read_text().split(BEGIN)[1].split(END)[0].strip().splitlines()
+    assert shipped == lines
