@@ -100,7 +100,9 @@ def _mfu(r: dict) -> str:
 
 
 def _prune_speed(r: dict) -> str:
-    at20 = next(row["speed"] for row in r["rows"] if abs(row["ratio"] - 0.2) < 1e-9)
+    at20 = next((row["speed"] for row in r["rows"] if abs(row["ratio"] - 0.2) < 1e-9), None)
+    if at20 is None:  # run with --ratios that leave 20% out
+        return f"no 20% row (ratios {', '.join(str(row['ratio']) for row in r['rows'])})"
     cells = []
     for batch in ("1", "16"):
         noisy = " (within the spread)" if at20[batch].get("noisy") else ""
@@ -124,13 +126,13 @@ def _quality(r: dict) -> str:
     )
 
 
+_QUANT_SHOWN = ("fp32", "int8-channel", "int4-g64", "GGUF Q4_K_M")
+
+
 def _quantize(r: dict) -> str:
     rows = r["rows"]
     parts = [f"{name} PPL {row['ppl']:.1f}" for name, row in rows.items() if name.split(" (")[0] in _QUANT_SHOWN]
     return "; ".join(parts) + f" (Q4_K_M target met: {'yes' if r.get('target_met') else 'no'})"
-
-
-_QUANT_SHOWN = ("fp32", "int8-channel", "int4-g64", "GGUF Q4_K_M")
 
 
 def _qad(r: dict) -> str:

@@ -58,3 +58,5 @@ def test_the_readme_summary_is_rewritten_from_the_results(tmp_path) -> None:
     # the README itself holds the summary of the results it ships with
     shipped = (ROOT / "README.md").read_text().split(BEGIN)[1].split(END)[0].strip().splitlines()
     assert shipped == lines
+    no_20 = {"rows": [{"ratio": 0.1, "speed": {}}, {"ratio": 0.5, "speed": {}}]}  # prune_speed.py --ratios 0.1,0.5
+    assert HEADLINES["prune_speed"](no_20) == "no 20% row (ratios 0.1, 0.5)"

@@ -47,7 +47,7 @@ def _shakespeare_or_bible(n: int, rng: random.Random, seed: int) -> list[Example
 
 def _last_word(n: int, rng: random.Random, seed: int) -> list[Example]:
     lines = rng.sample(verse_lines("train", 0.05, seed), n)
-    return [{"input": line, "output": re.findall(r"[\w']+", line)[-1]} for line in lines]
+    return [{"input": line, "output": _words(line, case_sensitive=True)[-1]} for line in lines]  # as matched
 
 
 def _verse_book(n: int, rng: random.Random, seed: int) -> list[Example]:

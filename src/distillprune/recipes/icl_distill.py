@@ -81,7 +81,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if how != "whole":  # the sharded student's answers: every rank, inside fit
         before = sharded.BeforeTraining(
             lambda _, system: {
-                "student_before": task_accuracy(system.student, tok, eval_views, "student", gen, True, case)
+                "student_before": task_accuracy(
+                    system.student, tok, eval_views, "student", gen, synced=True, case_sensitive=case
+                )
             }
         )
     files = write_splits(out / "data", {"train": views, "val": [{**v, "answer": v["output"]} for v in eval_views]})
