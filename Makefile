@@ -39,9 +39,14 @@ GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	OMP_NUM_THREADS=4 PYTHONPATH=src timeout 480 $(GPU_PY) -m pytest -q -m gpu -rs tests/test_gpu.py
 
-# every benchmark (over an hour on a 2-core CPU, and 6 minutes more to build llama-cpp-python once); tables print, land in
+# every benchmark (about two and a half hours on a 2-core CPU, and 6 to 25 minutes more to build llama-cpp-python once);
+# tables print, land in
 # benchmarks/results/*.json, and collect.py rewrites BENCHMARKS.md and the README's summary from them
 BENCH_STAMP := $(VENV)/.installed-bench
+# llama.cpp's AMX kernels segfault on the first decode on some AMX CPUs (seen here on a Xeon with amx_int8;
+# ggml-org/llama.cpp#20824): there llama-cpp-python is built for AVX-512 without them, elsewhere for the native CPU
+AVX512 := AVX AVX2 FMA F16C AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16
+LLAMA_CMAKE := $(shell grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && echo -DGGML_NATIVE=OFF $(AVX512:%=-DGGML_%=ON))
 bench: install $(BENCH_STAMP)
 	$(PY) benchmarks/kd_throughput.py
 	$(PY) benchmarks/mfu.py
@@ -50,10 +55,12 @@ bench: install $(BENCH_STAMP)
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/qad.py
+	$(PY) benchmarks/calibration.py
+	$(PY) benchmarks/recovery.py
 	$(PY) benchmarks/collect.py
 
 $(BENCH_STAMP): pyproject.toml Makefile
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[dev,bench]"
+	CMAKE_ARGS="$(LLAMA_CMAKE) $$CMAKE_ARGS" $(PY) -m pip install --quiet --no-cache-dir "$(TORCH)" -e ".[dev,bench]"
 	touch $(BENCH_STAMP)
 
 lint: install

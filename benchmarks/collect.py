@@ -26,15 +26,17 @@ ORDER = [
     "quality",
     "quantize",
     "qad",
+    "calibration",
+    "recovery",
     "kd_loss_memory",
     "generation",
 ]
 INTRO = """# Benchmarks
 
-`make bench` runs kd_throughput, mfu, prune_speed, structure, quality, quantize and qad (over an hour on a
-2-core CPU) and rewrites this file from `benchmarks/results/*.json` (`python benchmarks/collect.py`). Each
-section gives the command, the date and the machine of its latest run. Targets and what the numbers mean are in
-each script's docstring.
+`make bench` runs kd_throughput, mfu, prune_speed, structure, quality, quantize, qad, calibration and recovery
+(about two and a half hours on a 2-core CPU) and rewrites this file from `benchmarks/results/*.json`
+(`python benchmarks/collect.py`). Each section gives the command, the date and the machine of its latest run.
+Targets and what the numbers mean are in each script's docstring.
 """
 
 
@@ -142,8 +144,34 @@ def _qad(r: dict) -> str:
     )
 
 
+def _calibration(r: dict) -> str:
+    first, last = r["rows"][0], r["rows"][-1]
+    return (
+        f"Taylor ranking from {first['windows']} vs {last['windows']} calibration windows of {r['seq_len']} tokens "
+        f"({r['source']}): {first['kept_channels_shared']:.0%} of the kept channels shared (Spearman "
+        f"{first['spearman_channels']:.2f}); pruned PPL on python_docs {first['pruned_disjoint_ppl']:.1f} vs "
+        f"{last['pruned_disjoint_ppl']:.1f}"
+    )
+
+
+def _recovery(r: dict) -> str:
+    best: dict[str, tuple[float, str]] = {}
+    for name, row in r["rows"].items():
+        if "ratio" in row:
+            kind = "KD" if row["recipe"] == "prune_distill" else "LoRA"
+            best[kind] = min(best.get(kind, (float("inf"), "")), (row["ratio"]["disjoint"], name))
+    goals = {"LoRA": 1.25, "KD": 1.15}
+    parts = [
+        f"best {kind} ({name}) **{ratio:.2f}×** the dense control on disjoint text (goal {goals[kind]}×: "
+        f"{'met' if ratio <= goals[kind] else 'not met'})"
+        for kind, (ratio, name) in sorted(best.items())
+    ]
+    return "; ".join(parts) or "no row with its control yet"
+
+
 HEADLINES = {"kd_throughput": _kd_throughput, "mfu": _mfu, "prune_speed": _prune_speed, "structure": _structure,
-             "quality": _quality, "quantize": _quantize, "qad": _qad}  # fmt: skip
+             "quality": _quality, "quantize": _quantize, "qad": _qad, "calibration": _calibration,
+             "recovery": _recovery}  # fmt: skip
 
 
 def _libraries(m: dict) -> str:

@@ -14,9 +14,11 @@ from distillprune.data import (
     ChatDataModule,
     ResumableSampler,
     TextDataModule,
+    calibration_ids,
     collate,
     leading_bos,
     load_documents,
+    mixture_parts,
     pack,
     split_documents,
 )
@@ -200,3 +202,85 @@ def test_parquet_and_folder_sources(tiny_tokenizer, tmp_path: Path) -> None:
     for i in range(3):
         (folder / f"doc{i}.txt").write_text(f"Document {i}. " * 20)
     assert [d for d, _ in load_documents(str(folder))] == ["doc0.txt", "doc1.txt", "doc2.txt"]
+
+
+def _mixture_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n\n".join(f"Alpha paragraph {i} tells of apples and of art number {i}." for i in range(60)))
+    b.write_text("\n\n".join(f"Beta paragraph {i} speaks of boats and bells, bell {i}." for i in range(60)))
+    chat = _chat_file(tmp_path, [{"prompt": f"Count to {i}", "response": f"One to {i}, done."} for i in range(80)])
+    return a, b, chat
+
+
+def test_mixture_samples_each_part_by_its_share_of_target_tokens(tiny_tokenizer, tmp_path: Path) -> None:
+    a, b, chat = _mixture_files(tmp_path)
+    source = f"{a}:0.5+{b}:0.3+{chat}:0.2"
+    assert [round(s, 3) for _, s in mixture_parts(source)] == [0.5, 0.3, 0.2]
+    assert mixture_parts(f"{a}+{b}") == [(str(a), 0.5), (str(b), 0.5)]  # no shares: equal
+    dm = TextDataModule(tiny_tokenizer, source, seq_len=48, batch_size=2, val_fraction=0.1, val_batches=None)
+    dm.setup()
+    report = dm.mixture
+    assert [report[str(p)]["share"] for p in (a, b, chat)] == pytest.approx([0.5, 0.3, 0.2], abs=0.02)
+    # recount from the training rows themselves: chat rows mask their prompt, text blocks are all targets
+    counted = {"a": 0, "b": 0, "chat": 0}
+    for row in dm.train_set:
+        kind = (
+            "chat"
+            if IGNORE_INDEX in row["labels"]
+            else "a"
+            if "Alpha" in tiny_tokenizer.decode(row["input_ids"]) or "apples" in tiny_tokenizer.decode(row["input_ids"])
+            else "b"
+        )  # noqa: E501
+        counted[kind] += sum(1 for x in row["labels"][1:] if x != IGNORE_INDEX)
+    assert counted == {k: report[str(p)]["target_tokens"] for k, p in zip(counted, (a, b, chat), strict=True)}
+    # the scarcest part (by tokens over share) is used up; the others are cut to their shares, no row twice
+    ids = [tuple(r) for r in dm.train_set["input_ids"]]
+    assert len(set(ids)) == len(ids)
+    whole = {str(p): len(TextDataModule(tiny_tokenizer, str(p), seq_len=48, val_fraction=0.1).encode(
+        split_documents(load_documents(str(p)), 0.1, 1234)[0])) for p in (a, b, chat)}  # fmt: skip
+    assert any(report[k]["rows"] >= whole[k] - 1 for k in whole)
+    assert all(report[k]["rows"] <= whole[k] for k in whole)
+    # validation: every part's held-out documents, none of them trained on
+    val_text = " ".join(tiny_tokenizer.decode(r) for r in dm.val_set["input_ids"])
+    assert "Alpha" in val_text and "Beta" in val_text and "Count to" in val_text
+
+
+def test_mixture_errors_and_the_packaged_mixture(tmp_path: Path) -> None:
+    assert [s for s, _ in mixture_parts("general")] == ["shakespeare", "kjv", "packaged_chat"]
+    assert mixture_parts("shakespeare") == [("shakespeare", 1.0)]
+    with pytest.raises(UserError, match="share > 0"):
+        mixture_parts("shakespeare:0+kjv")
+    chat = load_documents("packaged_chat")
+    assert len(chat) > 1000 and all(set(row) == {"prompt", "response"} for _, row in chat[:50])
+    assert chat[0][1]["prompt"].startswith("Continue this")
+
+
+def test_python_docs_is_running_prose() -> None:
+    docs = load_documents("python_docs")
+    assert len(docs) > 60
+    text = "\n\n".join(t for _, t in docs)
+    assert "::=" not in text and "\n " not in text and len(text) > 150_000
+    assert "assignment statement" in text.lower()
+
+
+def test_calibration_windows_from_a_mixture(tiny_tokenizer, tmp_path: Path) -> None:
+    a, _, chat = _mixture_files(tmp_path)
+    ids = calibration_ids(tiny_tokenizer, f"{a}:0.5+{chat}:0.5", 12, 48, seed=3)
+    assert ids.shape == (12, 48) and ids.dtype == torch.long
+    stream = tiny_tokenizer.decode(ids.flatten())
+    assert "apples" in stream and "Count to" in stream
+    one = calibration_ids(tiny_tokenizer, str(a), 5, 16, seed=3)  # a single source: whole packed blocks
+    dm = TextDataModule(tiny_tokenizer, str(a), seq_len=16, batch_size=1, val_batches=None, seed=3)
+    dm.setup()
+    assert one.tolist() == dm.train_set.shuffle(seed=3).select(range(5))["input_ids"]
+
+
+def test_a_missing_file_in_a_mixture_is_named_before_the_run(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from distillprune.validate import check_files
+
+    check_files(OmegaConf.create({"data": {"source": "general"}, "prune": {"calibration": {"source": "python_docs"}}}))
+    cfg = OmegaConf.create({"data": {"source": f"shakespeare:0.5+{tmp_path}/nope.txt:0.5"}})
+    with pytest.raises(UserError, match=r"data.source=.*nope.txt: no such file"):
+        check_files(cfg)

@@ -86,9 +86,10 @@ def test_head_dim_is_never_changed(model) -> None:
 
 def test_heads_only_or_channels_only(model) -> None:
     heads_only = plan(model, 0.1, [1, 2], "kv_groups", parts=("heads",))
-    assert heads_only.kv_heads == 1 and heads_only.channels == {1: 128, 2: 128}
+    assert heads_only.kv_heads == {1: 1, 2: 1} and heads_only.channels == {1: 128, 2: 128}
     channels_only = plan(model, 0.1, [1, 2], "kv_groups", parts=("channels",))
-    assert channels_only.kv_heads == 2 and channels_only.heads == 4 and channels_only.channels[1] < 128
+    assert channels_only.kv_heads == {1: 2, 2: 2} and channels_only.heads == {1: 4, 2: 4}
+    assert channels_only.channels[1] < 128
     with pytest.raises(UserError, match="cannot be met"):
         plan(model, 0.5, [1], "kv_groups", parts=("heads",))
 

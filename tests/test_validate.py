@@ -18,6 +18,7 @@ def test_choices_agree_with_the_implementations() -> None:
     from distillprune.evaluation.zeroshot import TASKS
     from distillprune.incontext import PACKAGED
     from distillprune.objective import Objective
+    from distillprune.prune.allocation import METHODS as ALLOCATIONS
     from distillprune.prune.depth import DEPTH_IMPORTANCE
     from distillprune.prune.groups import FAMILIES
     from distillprune.prune.importance import AGGREGATIONS, METHODS
@@ -37,7 +38,7 @@ def test_choices_agree_with_the_implementations() -> None:
         and ("auto", *Objective.IMPLS) == choices.LOSS_IMPLS
     )
     assert ("auto", *models.DTYPES) == choices.DTYPES and STAGES == choices.SEQ_STAGES
-    assert tuple(PACKAGED) == choices.ICL_TASKS
+    assert tuple(PACKAGED) == choices.ICL_TASKS and ALLOCATIONS == choices.ALLOCATIONS
     assert set(choices.STRATEGIES) == {"auto", "ddp", "fsdp", *ZERO}
 
 

@@ -16,6 +16,7 @@ STUDENT_INIT = ("pretrained", "layer_drop", "config")
 IMPORTANCE = ("random", "l1", "l2", "taylor", "taylor_vector", "taylor2", "activation")
 AGGREGATIONS = ("sum", "mean", "max", "prod")
 GQA_MODES = ("kv_groups", "q_per_group")
+ALLOCATIONS = ("uniform", "sensitivity")  # prune.allocation.METHODS
 DEPTH_IMPORTANCE = ("cosine", "ppl")
 PRUNE_PARTS = ("heads", "channels")
 PRUNABLE = ("gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3")  # prune.groups.FAMILIES, sorted

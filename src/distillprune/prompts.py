@@ -10,10 +10,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from distillprune.data import jsonl_rows
 from distillprune.errors import UserError
 from distillprune.generate import PromptRow
 from distillprune.passages import all_speeches, kjv_verses
+from distillprune.sources import jsonl_rows
 
 
 def load_prompts(source: str, n: int | None = None, seed: int = 1234) -> list[PromptRow]:

