@@ -85,7 +85,7 @@ def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any], pruner: Prun
     if lead:  # pruned once; the other ranks load the result
         metrics["widths_dense"] = [w.as_dict() for w in layer_widths(model)]
         metrics["kv_bytes_per_token"] = {"dense": kv_bytes_per_token(model)}
-        prune_s = recovery_s = 0.0
+        prune_s = 0.0
         for k in range(rounds):
             if k:  # iterative: recover the previous round's model for its share of the steps, then prune further
                 teacher = teacher or (_frozen_teacher(dense) if recover is distill_recovery else None)
@@ -129,9 +129,8 @@ def prune_and_recover(cfg: DictConfig, recover: Callable[..., Any], pruner: Prun
 
 
 def round_steps(total: int, rounds: int) -> list[int]:
-    """The recovery steps after each of ``rounds`` pruning rounds: equal shares of ``total``, the rest last."""
-    if rounds > 1 and total < 0:
-        raise UserError("prune.rounds > 1 shares trainer.max_steps between the rounds: set trainer.max_steps")
+    """The recovery steps after each of ``rounds`` pruning rounds: equal shares of ``total``, the rest last
+    (validate refuses several rounds without trainer.max_steps)."""
     share = max(total, 0) // rounds
     return [share] * (rounds - 1) + [total - share * (rounds - 1)]
 
