@@ -39,7 +39,7 @@ GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	OMP_NUM_THREADS=4 PYTHONPATH=src timeout 480 $(GPU_PY) -m pytest -q -m gpu -rs tests/test_gpu.py
 
-# every benchmark (about two and a half hours on a 2-core CPU, and 6 to 25 minutes more to build llama-cpp-python once);
+# every benchmark (about three hours on a 2-core CPU, and 6 to 25 minutes more to build llama-cpp-python once);
 # tables print, land in
 # benchmarks/results/*.json, and collect.py rewrites BENCHMARKS.md and the README's summary from them
 BENCH_STAMP := $(VENV)/.installed-bench
@@ -57,6 +57,7 @@ bench: install $(BENCH_STAMP)
 	$(PY) benchmarks/qad.py
 	$(PY) benchmarks/calibration.py
 	$(PY) benchmarks/recovery.py
+	$(PY) benchmarks/teacher_store.py
 	$(PY) benchmarks/collect.py
 
 $(BENCH_STAMP): pyproject.toml Makefile

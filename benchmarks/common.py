@@ -149,9 +149,10 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def fit(system: Any, blocks: torch.Tensor, batch: int) -> list[float]:
+def fit(system: Any, blocks: torch.Tensor, batch: int, store: Any = None) -> list[float]:
     """Train ``system`` one pass over ``blocks`` ([n, T]) in batches with Lightning (float32, CPU or one GPU,
-    no logging or checkpoints); returns the seconds of every step."""
+    no logging or checkpoints); returns the seconds of every step. With a ``logit_store.LogitStore`` of the
+    blocks, each batch carries their stored teacher targets (read in the step's data loading, before the clock)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -164,8 +165,17 @@ def fit(system: Any, blocks: torch.Tensor, batch: int) -> list[float]:
         def on_train_batch_end(self, *args: Any) -> None:
             times.append(time.perf_counter() - self.t0)
 
-    rows = lambda ids: {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    loader = DataLoader(list(blocks), batch_size=batch, collate_fn=lambda r: rows(torch.stack(r)))
+    def rows(index: list[int]) -> dict[str, torch.Tensor]:
+        ids = blocks[index]  # [B, T]
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if store is not None:
+            targets = [store.get(i) for i in index]
+            out |= {
+                f"teacher_topk_{k}": torch.cat([getattr(t, k) for t in targets]) for k in ("ids", "logprobs", "tail")
+            }
+        return out
+
+    loader = DataLoader(list(range(len(blocks))), batch_size=batch, collate_fn=rows)
     trainer = L.Trainer(
         max_steps=len(blocks) // batch,
         accelerator="auto",

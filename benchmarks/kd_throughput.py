@@ -5,7 +5,9 @@
 Same teacher (SmolLM2-135M), student (its layers [0, 6, 12, 18, 24, 29]), batch, sequence length, float32 and the
 same Shakespeare blocks for both. TRL runs GKDTrainer with beta=0 (forward KL, teacher || student), lmbda=0 (no
 on-policy samples), temperature 1, gradient checkpointing off, AdamW; distillprune runs DistillSystem with the
-same objective (kd_weight=1, ForwardKL, T=1) for each system.loss_impl. A step is forward (both models) + backward +
+same objective (kd_weight=1, ForwardKL, T=1) for each system.loss_impl, and ``distillprune:store`` trains from the
+offline teacher store (``logit_store``: top-64 + tail bucket, built for the same blocks before the clock starts, its
+build seconds and bytes reported; no teacher in the step or in memory). A step is forward (both models) + backward +
 optimizer step, timed from each engine's step-begin hook to its step-end hook: the batch is fetched before the
 clock starts, so data loading is not included (the blocks are pre-tokenised tensors in memory, for both engines);
 tokens/s is batch x seq_len over the median of the timed steps after the warm-up. Each engine runs in a fresh
@@ -29,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fit, kd_blocks, kd_models, peak_rss_mb, run_child, table, write_result  # noqa: E402
 
-ENGINES = ["trl", "distillprune:dense", "distillprune:fused_linear"]
+ENGINES = ["trl", "distillprune:dense", "distillprune:fused_linear", "distillprune:store"]
+STORE_K = 64  # distillprune:store: fused_linear from the offline teacher's top-64 (built first, not timed)
 TARGET = 1.3
 
 
@@ -59,6 +62,8 @@ def main() -> None:
             "timed_s": timed,
             "peak_mb": max(r["peak_mb"] for r in done),
         }
+        if "store" in done[0]:
+            rows[engine]["store"] = done[0]["store"]
     trl = rows["trl"]["tokens_per_s"]
     header = ["engine", "tokens/s", "s/step (median)", "peak MB", "vs TRL"]
     body = [
@@ -69,8 +74,22 @@ def main() -> None:
         f"KD step, SmolLM2-135M -> 6-layer student, batch {args.batch} x {args.seq_len} tokens, float32: "
         f"best distillprune {best:.2f}x TRL GKDTrainer (target >= {TARGET}x: {'met' if best >= TARGET else 'MISSED'})"
     )
+    tables = [table(title, header, body)]
+    if store := rows.get("distillprune:store", {}).get("store"):
+        tables.append(table(
+            f"The offline teacher store of those blocks (k={STORE_K}, float16 log-probs + int32 ids + float32 tail)",
+            ["blocks", "target positions", "build s", "build tokens/s", "MB", "bytes/token"],
+            [[store["rows"], store["positions"], store["build_s"], round(store["positions"] / store["build_s"], 1),
+              round(store["bytes"] / 2**20, 2), store["bytes_per_token"]]],
+        ))  # fmt: skip
     command = "python benchmarks/kd_throughput.py " + " ".join(common)
-    write_result("kd_throughput", command, [table(title, header, body)], {"rows": rows, "speedup_vs_trl": best})
+    online = max(r["tokens_per_s"] for e, r in rows.items() if e not in ("trl", "distillprune:store"))
+    data = {
+        "rows": rows,
+        "speedup_vs_trl": best,
+        "store_vs_online": round(rows["distillprune:store"]["tokens_per_s"] / online, 3),
+    }
+    write_result("kd_throughput", command, tables, data)
 
 
 def run_engine(engine: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
@@ -82,16 +101,46 @@ def run_engine(engine: str, batch: int, seq_len: int, steps: int, warmup: int) -
         if engine == "trl"
         else _ours(engine, teacher, student, blocks, batch)
     )
-    return {"timed_s": [round(t, 3) for t in times[warmup:]], "peak_mb": round(peak_rss_mb())}
+    out = {"timed_s": [round(t, 3) for t in times[warmup:]], "peak_mb": round(peak_rss_mb())}
+    return out | ({"store": store_info} if (store_info := getattr(times, "store", None)) else {})
 
 
 def _ours(engine: str, teacher, student, blocks: torch.Tensor, batch: int) -> list[float]:
     from distillprune.distill import DistillSystem
     from distillprune.losses import ForwardKL
 
+    impl = engine.split(":")[1]
+    if impl == "store":
+        return _from_store(teacher, student, blocks, batch)
     system = DistillSystem(student, teacher, ForwardKL(temperature=1.0), kd_weight=1.0, warmup_steps=0,
-                           loss_impl=engine.split(":")[1])  # fmt: skip
+                           loss_impl=impl)  # fmt: skip
     return fit(system, blocks, batch)
+
+
+class _Times(list):
+    store: dict | None = None
+
+
+def _from_store(teacher, student, blocks: torch.Tensor, batch: int) -> list[float]:
+    """Build the blocks' store (timed apart), free the teacher, then train from the store with fused_linear."""
+    import gc
+
+    from distillprune.distill import DistillSystem
+    from distillprune.logit_store import LogitStore, build
+    from distillprune.losses import ForwardKL
+
+    store = LogitStore(tempfile.mkdtemp(prefix="kd-store-"), {"k": STORE_K, "blocks": blocks.shape[0]})
+    rows = [{"input_ids": b.tolist()} for b in blocks]
+    built = build(store, teacher, rows, list(range(len(rows))), pad_id=0, batch_size=batch)
+    info = {"rows": len(rows), "positions": store.positions(), "bytes": store.nbytes(), **built}
+    info["bytes_per_token"] = round(info["bytes"] / info["positions"], 1)
+    del teacher
+    gc.collect()
+    system = DistillSystem(student, None, ForwardKL(temperature=1.0), kd_weight=1.0, warmup_steps=0,
+                           loss_impl="fused_linear")  # fmt: skip
+    times = _Times(fit(system, blocks, batch, store=store))
+    times.store = info
+    return times
 
 
 def _trl(tok, teacher, student, blocks: torch.Tensor, batch: int) -> list[float]:

@@ -48,6 +48,26 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
     ),  # fmt: skip
     "LoRA, general, 64 cal., 2 rounds": ("prune_lora", [*CAL64, "prune.rounds=2"], "LoRA, general, 8 cal."),
     "KD, general, 64 cal.": ("prune_distill", CAL64, None),
+    "KD, general, 64 cal., sensitivity": (
+        "prune_distill",
+        [*CAL64, "prune.allocation.method=sensitivity"],
+        "KD, general, 64 cal.",
+    ),  # fmt: skip
+    "KD, general, 64 cal., sensitivity, reverse KL": (
+        "prune_distill",
+        [*CAL64, "prune.allocation.method=sensitivity", "loss._target_=distillprune.losses.ReverseKL"],
+        "KD, general, 64 cal.",
+    ),  # fmt: skip
+    "KD, general, 64 cal., sensitivity, 2 rounds": (
+        "prune_distill",
+        [*CAL64, "prune.allocation.method=sensitivity", "prune.rounds=2"],
+        "KD, general, 64 cal.",
+    ),  # fmt: skip
+    "KD, general, 64 cal., sensitivity, 300 steps": (
+        "prune_distill",
+        [*CAL64, "prune.allocation.method=sensitivity", "trainer.max_steps=300"],
+        None,
+    ),  # fmt: skip
 }
 
 

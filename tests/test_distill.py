@@ -99,8 +99,13 @@ def test_warmup_then_cosine_to_the_floor(pair) -> None:
 
 def test_bad_settings() -> None:
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="needs a teacher"):
+    with pytest.raises(ValueError, match="needs a loss"):
         DistillSystem(model, None, None, kd_weight=0.5)
+    with pytest.raises(ValueError, match="needs a teacher model"):
+        DistillSystem(model, None, ForwardKL(), lmbda=0.5)
+    no_teacher = DistillSystem(model, None, ForwardKL(), kd_weight=0.5)  # KD from stored targets only
+    with pytest.raises(ValueError, match="needs stored teacher targets"):
+        no_teacher._teacher()
     with pytest.raises(ValueError, match="lmbda"):
         DistillSystem(model, model, ForwardKL(), lmbda=2.0)
 

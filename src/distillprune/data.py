@@ -140,6 +140,9 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     for key in ("prompt_len", "teacher_prompt_len", "step_tokens"):
         if key in rows[0]:
             batch[key] = torch.tensor([r[key] for r in rows])  # [B]
+    for key in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail"):  # stored teacher targets
+        if key in rows[0]:
+            batch[key] = torch.cat([r[key] for r in rows])  # [N, k] | [N]: the rows' target positions in order
     return batch
 
 
@@ -229,6 +232,7 @@ class BlocksDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self._resume: dict[str, int] = {}
         self.mixture: dict[str, dict[str, float]] = {}  # per source of a mixture: rows, target tokens, share
+        self.teacher_store: Any = None  # a logit_store.LogitStore: training rows carry their stored teacher targets
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -267,7 +271,7 @@ class BlocksDataModule(L.LightningDataModule):
         trainer = self.trainer  # None when used outside a Trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        targets = [_targets(row) for row in self.train_set.with_format(None)]
+        targets = [target_count(row) for row in self.train_set.with_format(None)]
         sampler = ResumableSampler(len(self.train_set), self.seed, rank, world, targets, self.batch_size, accumulate)
         if len(sampler) == 0:
             raise UserError(f"{len(self.train_set)} training blocks cannot be shared among {world} ranks")
@@ -292,8 +296,13 @@ class BlocksDataModule(L.LightningDataModule):
 
     def _loader(self, ds: Dataset, sampler: Sampler | None) -> DataLoader:
         pad = self.tokenizer.pad_token_id
+        rows = _StepTokens(ds.with_format(None)) if sampler is not None else ds.with_format(None)
+        if sampler is not None and self.teacher_store is not None:
+            from distillprune.logit_store import WithTargets
+
+            rows = WithTargets(rows, self.teacher_store)
         return DataLoader(
-            _StepTokens(ds.with_format(None)) if sampler is not None else ds.with_format(None),
+            rows,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=False,
@@ -302,7 +311,7 @@ class BlocksDataModule(L.LightningDataModule):
         )
 
 
-def _targets(row: dict[str, Any]) -> int:
+def target_count(row: dict[str, Any]) -> int:
     """Next-token targets of one row: the positions after the first whose label counts."""
     labels = row.get("labels", row["input_ids"])
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
@@ -368,7 +377,7 @@ def mix(
     names = names or [str(i) for i in range(len(parts))]
     if len(parts) == 1:
         return parts[0], {names[0]: {"rows": len(parts[0]), "share": 1.0}}
-    targets = [[_targets(row) for row in ds.with_format(None)] for ds in parts]
+    targets = [[target_count(row) for row in ds.with_format(None)] for ds in parts]
     budget = min(sum(t) / share for t, share in zip(targets, shares, strict=True))  # total target tokens
     rng = torch.Generator().manual_seed(seed)
     rows, report = [], {}

@@ -21,6 +21,7 @@ from distillprune.data import collate
 from distillprune.errors import UserError
 from distillprune.generate import generate, stop_ids
 from distillprune.hardware import cpu_has_fast_bf16
+from distillprune.logit_store import TopK
 from distillprune.losses import IGNORE_INDEX, Divergence
 from distillprune.objective import Objective, shifted, token_nll
 from distillprune.sharded import fill_shards
@@ -57,7 +58,8 @@ class DistillSystem(L.LightningModule):
 
     Args:
         student: the model being trained.
-        teacher: a frozen model with the same vocabulary, or None for CE-only training.
+        teacher: a frozen model with the same vocabulary, or None: CE-only training, or KD from the teacher's
+            stored top-k targets that the batches carry (``teacher_topk_*``, from ``logit_store``).
         loss: the divergence between the two (``distillprune.losses``); unused when ``kd_weight`` is 0.
         kd_weight: weight of the KD term; CE gets 1 - kd_weight.
         lr, weight_decay, betas: AdamW settings (no decay on norms and biases).
@@ -97,8 +99,10 @@ class DistillSystem(L.LightningModule):
         super().__init__()
         if not 0.0 <= kd_weight <= 1.0:
             raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
-        if (kd_weight > 0 or lmbda > 0) and (teacher is None or loss is None):
-            raise ValueError("kd_weight > 0 or lmbda > 0 needs a teacher and a loss")
+        if (kd_weight > 0 or lmbda > 0) and loss is None:
+            raise ValueError("kd_weight > 0 or lmbda > 0 needs a loss")
+        if lmbda > 0 and teacher is None:
+            raise ValueError("lmbda > 0 (on-policy samples) needs a teacher model to score them")
         if not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
         self.student = student
@@ -211,13 +215,18 @@ class DistillSystem(L.LightningModule):
         if on_policy:
             batch = self._student_samples(batch)
         kd_weight = 1.0 if on_policy else self.kd_weight  # the student's own samples are no ground truth (GKD)
-        teacher = self._teacher() if kd_weight > 0 else None
+        stored = kd_weight > 0 and "teacher_topk_ids" in batch  # the teacher's targets came with the batch
+        teacher = self._teacher() if kd_weight > 0 and not stored else None
         fused = self.objective.impl == "fused_linear"
         student_out, labels = shifted(self._run(self.student, batch, "", fused), batch["labels"])  # [B, T-1, V|H]
         keep = labels != IGNORE_INDEX
         s_sel, targets = student_out[keep], labels[keep]  # [N, V|H], [N]
         t_sel = None
-        if teacher is not None:
+        if stored:
+            t_sel = TopK(*(batch[f"teacher_topk_{k}"] for k in ("ids", "logprobs", "tail"))).to(s_sel.device)
+            if s_sel.shape[0] != t_sel.shape[0]:
+                raise ValueError(f"student has {s_sel.shape[0]} target positions, the stored teacher {t_sel.shape[0]}")
+        elif teacher is not None:
             view = "teacher_" if "teacher_input_ids" in batch else ""  # in-context KD: the teacher sees more
             with torch.no_grad():
                 t_out, t_labels = shifted(self._run(teacher, batch, view, fused), batch[view + "labels"])
@@ -232,7 +241,7 @@ class DistillSystem(L.LightningModule):
             total, ce, kd = self.objective.fused_linear(s_sel, heads[0], t_sel, heads[1], targets, kd_weight)
         else:
             total, ce, kd = self.objective(s_sel, t_sel, targets, kd_weight)
-        parts = {"ce": ce} | ({"kd": kd} if teacher is not None else {})
+        parts = {"ce": ce} | ({"kd": kd} if t_sel is not None else {})
         if self.lmbda > 0:
             parts["on_policy"] = torch.tensor(float(on_policy))
         return total * self._token_share(targets.shape[0], batch, on_policy), parts
@@ -254,6 +263,8 @@ class DistillSystem(L.LightningModule):
         return n * world * accumulate / max(float(batch["step_tokens"][0]), 1.0)
 
     def _teacher(self) -> PreTrainedModel:
+        if self.teacher is None and not self._cpu_teacher:
+            raise ValueError("kd_weight > 0 without a teacher model needs stored teacher targets in every batch")
         return self.teacher if self.teacher is not None else self._cpu_teacher[0]
 
     @staticmethod

@@ -73,6 +73,11 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config of a model (alias, local folder or hub id) without its weights."""
+    return _from_hub_or_disk(AutoConfig.from_pretrained, name, trust_remote_code=trust_remote_code)
+
+
 def load_model(
     name: str,
     dtype: str = "float32",
@@ -127,7 +132,7 @@ def load_student(
         source = load_model(name, dtype, attn_implementation, trust_remote_code, device, role="student")
         model = drop_layers(source, list(keep_layers)).to(device)
     elif init == "config":
-        config = _from_hub_or_disk(AutoConfig.from_pretrained, name, trust_remote_code=trust_remote_code)
+        config = load_config(name, trust_remote_code)
         for key, value in (config_overrides or {}).items():
             if not hasattr(config, key):
                 raise UserError(f"student.config_overrides: {type(config).__name__} has no field '{key}'")

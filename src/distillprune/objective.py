@@ -11,6 +11,10 @@ more than one chunk of float32 temporaries exists at once.
 and turned into gradients for the hidden states and the head weight at once (the approach of Liger's fused
 linear JSD); no ``[N, V]`` tensor is ever made, for either model. It needs the head weights whole: it runs
 under single device, DDP and ZeRO 1/2; under ZeRO-3 and FSDP use ``chunked``.
+
+The teacher side is either its logits (or hidden states and head) or, from an offline store, its top-k targets
+(``logit_store.TopK``): then the divergence is taken over k + 1 buckets, the k stored tokens and the rest, which
+is the full divergence when k = V, on every path.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillprune.logit_store import TopK
 from distillprune.losses import IGNORE_INDEX, Divergence, ForwardKL
 
 _AUTO_CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk when chunk_size is 0 ...
@@ -72,10 +77,11 @@ class Objective:
         self.impl, self.chunk_size, self.vocab_size = impl, chunk_size, vocab_size
 
     def __call__(
-        self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, kd_weight: float
+        self, student_logits: Tensor, teacher_logits: Tensor | TopK | None, targets: Tensor, kd_weight: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(total, ce, kd)`` from logits ``[N, V]`` at the target positions (``targets`` ``[N]``), dense or
-        chunked (``fused_linear`` callers use ``fused_linear``). With no teacher, KD is 0."""
+        """``(total, ce, kd)`` from logits ``[N, V]`` at the target positions (``targets`` ``[N]``) and the
+        teacher's logits or stored top-k, dense or chunked (``fused_linear`` callers use ``fused_linear``). With no
+        teacher, KD is 0."""
         if student_logits.shape[0] == 0:
             zero = student_logits.sum() * 0.0  # no target position: zero loss that keeps the graph
             return zero, zero.detach(), zero.detach()
@@ -83,6 +89,9 @@ class Objective:
             ce = F.cross_entropy(student_logits.float(), targets)
             if teacher_logits is None or self.divergence is None:
                 kd = ce.new_zeros(())
+            elif isinstance(teacher_logits, TopK):
+                n = student_logits.shape[0]
+                kd = _chunk_sums(self, student_logits.float(), teacher_logits, targets)[1] * self.temperature**2 / n
             else:
                 kd = self.divergence(*self.shared(student_logits, teacher_logits))
             return (1.0 - kd_weight) * ce + kd_weight * kd, ce.detach(), kd.detach()
@@ -93,13 +102,14 @@ class Objective:
         self,
         student_hidden: Tensor,
         student_head: Tensor,
-        teacher_hidden: Tensor | None,
+        teacher_hidden: Tensor | TopK | None,
         teacher_head: Tensor | None,
         targets: Tensor,
         kd_weight: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(total, ce, kd)`` from hidden states ``[N, Hs]`` / ``[N, Ht]`` and head weights ``[V, Hs]`` /
-        ``[V', Ht]``; gradients flow to the student's hidden states and head weight."""
+        ``[V', Ht]`` (or stored top-k targets and no head); gradients flow to the student's hidden states and head
+        weight."""
         if student_hidden.shape[0] == 0:
             zero = student_hidden.sum() * 0.0 + student_head.sum() * 0.0
             return zero, zero.detach(), zero.detach()
@@ -113,8 +123,11 @@ class Objective:
         """The KD temperature (1 for CE-only training, where it scales nothing)."""
         return self.divergence.temperature if self.divergence is not None else 1.0
 
-    def shared(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-        """Both logits ``[N, V]`` / ``[N, V']`` cut to the shared vocabulary (``vocab_size``, when set)."""
+    def shared(self, student: Tensor, teacher: Tensor | TopK) -> tuple[Tensor, Tensor | TopK]:
+        """Both logits ``[N, V]`` / ``[N, V']`` cut to the shared vocabulary (``vocab_size``, when set); stored
+        top-k targets were cut when they were computed."""
+        if isinstance(teacher, TopK):
+            return (student[..., : self.vocab_size] if self.vocab_size is not None else student), teacher
         if self.vocab_size is not None:
             return student[..., : self.vocab_size], teacher[..., : self.vocab_size]
         return student, teacher
@@ -126,23 +139,26 @@ class Objective:
         return min(n, max(_MIN_AUTO_ROWS, 1 << (rows.bit_length() - 1)))  # a power of two: steady matmul shapes
 
 
-def _chunk_sums(obj: Objective, s32: Tensor, teacher: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
+def _chunk_sums(obj: Objective, s32: Tensor, teacher: Tensor | TopK | None, targets: Tensor) -> tuple[Tensor, Tensor]:
     """Summed CE (full student vocabulary, temperature 1) and summed divergence of one chunk of rows."""
     ce = F.cross_entropy(s32, targets, reduction="sum")
     if teacher is None:
         return ce, ce.new_zeros(())
     s, t = obj.shared(s32, teacher)  # [n, V] each, cut to the shared vocabulary
     temp = obj.temperature
-    log_q = F.log_softmax(s / temp, dim=-1)
-    log_p = F.log_softmax(t.float() / temp, dim=-1)
+    if isinstance(t, TopK):
+        log_q, log_p = t.buckets(s / temp)  # [n, k + 1] each
+    else:
+        log_q = F.log_softmax(s / temp, dim=-1)
+        log_p = F.log_softmax(t.float() / temp, dim=-1)
     return ce, obj.divergence.divergence(log_q, log_p).sum()
 
 
 def _chunk_grad(
-    obj: Objective, s32: Tensor, teacher: Tensor | None, targets: Tensor, kd_weight: float, n: int
+    obj: Objective, s32: Tensor, teacher: Tensor | TopK | None, targets: Tensor, kd_weight: float, n: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The chunk's CE and KD sums and the gradient of its share of the total with respect to ``s32``."""
-    if type(obj.divergence) is ForwardKL and teacher is not None:
+    if type(obj.divergence) is ForwardKL and isinstance(teacher, Tensor):
         return _forward_kl_chunk_grad(obj, s32, teacher, targets, kd_weight, n)
     t2 = obj.temperature**2
     with torch.enable_grad():
@@ -211,8 +227,8 @@ class _FusedLinearKDCE(torch.autograd.Function):
         ce = kd = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, n, chunk):
             rows = slice(i, i + chunk)
-            h = hidden[rows]  # [c, H]
-            t = t_hidden[rows] @ t_head.T if t_hidden is not None else None  # [c, V'], no grad here
+            h = hidden[rows]  # [c, H]; the teacher's rows below: its logits [c, V'], its top-k, or none
+            t = None if t_hidden is None else t_hidden[rows] if t_head is None else t_hidden[rows] @ t_head.T
             logits = h @ head.T  # [c, V], in the dtype the lm_head would give
             ce_c, kd_c, g = _chunk_grad(obj, logits.float(), t, targets[rows], kd_weight, n)
             g = g.to(logits.dtype)  # what the dense path hands back to the logits

@@ -28,6 +28,7 @@ from distillprune.choices import (
     GQA_MODES,
     ICL_TASKS,
     IMPORTANCE,
+    LOGIT_STAGES,
     LOSS_IMPLS,
     PRECISIONS,
     PRUNABLE,
@@ -136,6 +137,9 @@ RANGES: dict[str, tuple[Check, str]] = {
     "evaluate.zero_shot.n": COUNT,
     "evaluate.zero_shot.batch_size": COUNT,
     "evaluate.zero_shot.val_fraction": SHARE,
+    "teacher_store.k": COUNT,
+    "teacher_store.batch_size": COUNT,
+    "teacher_store.shard_rows": COUNT,
     "slurm.nodes": COUNT,
     "slurm.gpus_per_node": _int(0),
 }
@@ -165,7 +169,8 @@ def check_choices(cfg: DictConfig) -> None:
     if strategy is not None and not str(strategy).endswith(".json") and strategy not in STRATEGIES:
         choices = ", ".join((*STRATEGIES, "a DeepSpeed config .json"))
         raise UserError(f"trainer.strategy '{strategy}' is unknown; choose {choices}")
-    for key, allowed in (("stages", SEQ_STAGES), ("prune.parts", PRUNE_PARTS)):
+    stages = LOGIT_STAGES if "teacher_store" in cfg else SEQ_STAGES
+    for key, allowed in (("stages", stages), ("prune.parts", PRUNE_PARTS)):
         values = OmegaConf.select(cfg, key, default=None)
         if values is not None and (unknown := [v for v in values if v not in allowed]):
             raise UserError(f"{key}: unknown {unknown}; choose from {', '.join(allowed)}")
@@ -212,9 +217,25 @@ def check_ranges(cfg: DictConfig) -> None:
     if "teacher" in cfg and cfg.teacher is None and uses_teacher:
         raise UserError("system.kd_weight > 0 needs a teacher; set teacher.name or system.kd_weight=0")
     _check_rounds_and_allocation(cfg)
+    _check_teacher_store(cfg)
     task = OmegaConf.select(cfg, "task", default=None)
     if task is not None and "k" in task and task.k > task.n_demos:
         raise UserError(f"task.k={task.k} demonstrations asked for, but the demonstration pool has {task.n_demos}")
+
+
+def _check_teacher_store(cfg: DictConfig) -> None:
+    spec, stages = cfg.get("teacher_store"), list(cfg.get("stages") or [])
+    if spec is None:
+        return
+    if "teacher_logits" in stages and spec.k is None:
+        raise UserError("stages has teacher_logits but teacher_store.k is null: set teacher_store.k (e.g. 64)")
+    if not stages:
+        raise UserError("stages is empty: choose from teacher_logits, train")
+    if spec.k is not None and spec.get("path") is not None and not (Path(spec.path) / "provenance.json").is_file():
+        raise UserError(f"teacher_store.path={spec.path} is not a teacher store (no provenance.json)")
+    if spec.k is not None and (OmegaConf.select(cfg, "system.lmbda", default=0) or 0) > 0:
+        raise UserError("system.lmbda > 0 samples from the student on-policy, which a store built beforehand cannot "
+                        "score: set teacher_store.k=null")  # fmt: skip
 
 
 def _check_rounds_and_allocation(cfg: DictConfig) -> None:

@@ -1,5 +1,7 @@
 """The ``logit_distill`` recipe (and ``sft``, the same runner with ``kd_weight: 0``): build the student, the
-teacher and the data, measure both before training, train, evaluate side by side, export."""
+teacher and the data, measure both before training, train, evaluate side by side, export. With
+``teacher_store.k`` set, the teacher's top-k targets come from the offline store (its ``teacher_logits`` stage
+builds what is missing) and training keeps no teacher in memory."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from distillprune.evaluation.suite import evaluate_stage
 from distillprune.hardware import run_device
 from distillprune.models import export, load_tokenizer, shared_vocab_size
 from distillprune.recipes.common import evaluation_teacher, kd_loss, prepare_output_dir, train, write_metrics
+from distillprune.recipes.offline_teacher import offline_teacher
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics["resident_params"] = {"student": sharded.resident_numel(student)}  # on this rank, once loaded
     before = sharded.BeforeTraining() if how != "whole" else None  # measured in the strategy, by every rank
     lead = rank_zero_only.rank == 0  # other ranks (started by the launcher or srun) only train
-    teacher, vocab = None, None
-    if cfg.teacher is not None and (loss is not None or (lead and before is None)):
+    teacher, vocab, stored = None, None, False
+    spec = cfg.get("teacher_store")
+    if loss is not None and spec is not None and spec.k is not None:  # the offline teacher: built, then read
+        _, vocab, metrics["teacher_store"] = offline_teacher(cfg, data, tokenizer, student, device)
+        stored = True
+        if "train" not in cfg.stages:
+            metrics.update(wall_s=round(time.perf_counter() - start, 1), output_dir=str(out))
+            write_metrics(metrics, out)
+            return metrics
+    if cfg.teacher is not None and not stored and (loss is not None or (lead and before is None)):
         teacher = sharded.load_teacher(cfg.teacher, how, cfg, device)
         metrics["params"]["teacher"] = count_params(teacher)
         metrics["resident_params"]["teacher"] = sharded.resident_numel(teacher)
