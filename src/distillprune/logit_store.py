@@ -125,7 +125,10 @@ class LogitStore:
                 rows = self._rows_of(shard)
             except Exception as err:  # noqa: BLE001 - any failure to read a shard whole means it is damaged
                 aside = shard.with_name(shard.name + ".damaged")
-                os.replace(shard, aside)
+                try:
+                    os.replace(shard, aside)
+                except FileNotFoundError:  # another rank, opening the store too, moved it first
+                    pass
                 log.warning("teacher store: %s is damaged (%s); moved to %s, its rows are rebuilt", shard, err, aside)
                 continue
             for position, row in enumerate(rows):

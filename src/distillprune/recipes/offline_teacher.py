@@ -47,6 +47,7 @@ def offline_teacher(
     per_step = int(cfg.data.batch_size) * int(cfg.trainer.accumulate_grad_batches) * world
     rows = rows_for_steps(len(data.train_set), int(cfg.seed), per_step, int(cfg.trainer.max_steps), world)
     missing = store.missing(rows)
+    barrier("opening the teacher store")  # every rank sees the same rows missing before any rank writes
     metrics: dict[str, Any] = {"dir": str(store.dir), "k": store.k, "rows": len(rows), "rows_built": 0}
     if missing and "teacher_logits" not in stages:
         raise UserError(f"teacher store {store.dir} holds {len(rows) - len(missing)} of the {len(rows)} rows this "
