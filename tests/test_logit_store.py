@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import run_train, tiny_overrides
 from distillprune.data import ResumableSampler
 from distillprune.errors import UserError
-from distillprune.logit_store import LogitStore, TopK, build, rows_for_steps, top_k
+from distillprune.logit_store import LocalTeacher, LogitStore, TopK, build, rows_for_steps, top_k
 from distillprune.losses import JSD, TVD, ForwardKL, ReverseKL, SkewKL
 from distillprune.objective import Objective
 
@@ -109,7 +109,8 @@ def test_a_cut_shard_is_set_aside_and_rebuilt_and_the_whole_ones_kept(tmp_path: 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [{"input_ids": torch.randint(0, len(tok), (12,)).tolist()} for _ in range(10)]
     store = LogitStore(tmp_path, {"k": 8})
-    done = build(store, teacher, rows, list(range(10)), tok.pad_token_id, batch_size=3, shard_rows=4)
+    source = LocalTeacher(teacher, 8, tok.pad_token_id)
+    done = build(store, source, rows, list(range(10)), batch_size=3, shard_rows=4)
     assert done["rows_built"] == 10
     shards = sorted(store.dir.glob("shard-*.safetensors"))
     assert len(shards) == 3  # 4 + 4 + 2 rows (written when 4 or more are pending, and at the end)
@@ -119,7 +120,7 @@ def test_a_cut_shard_is_set_aside_and_rebuilt_and_the_whole_ones_kept(tmp_path: 
     reopened = LogitStore(tmp_path, {"k": 8})
     lost = reopened.missing(range(10))
     assert len(lost) == 4 and (shards[1].parent / (shards[1].name + ".damaged")).is_file()
-    assert build(reopened, teacher, rows, list(range(10)), tok.pad_token_id, batch_size=3)["rows_built"] == 4
+    assert build(reopened, source, rows, list(range(10)), batch_size=3)["rows_built"] == 4
     final = LogitStore(tmp_path, {"k": 8})
     assert final.missing(range(10)) == [] and torch.equal(final.get(0).ids, kept.ids)
     # what the store holds is the teacher's own top-k at each position

@@ -22,6 +22,7 @@ PRUNE_PARTS = ("heads", "channels")
 PRUNABLE = ("gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3")  # prune.groups.FAMILIES, sorted
 SEQ_STAGES = ("generate", "train", "evaluate")
 LOGIT_STAGES = ("teacher_logits", "train")  # logit_distill: the offline teacher store, then training from it
+SERVER_APIS = ("prompt_logprobs", "llama_cpp_python")  # a served teacher's request shape (distillprune.served)
 ZERO_SHOT_TASKS = ("shakespeare_cloze", "kjv_cloze", "shakespeare_or_bible")
 ICL_TASKS = ("capitalise", "verse_book", "last_word", "shakespeare_or_bible")  # incontext.PACKAGED
 WANDB_MODES = ("auto", "online", "offline", "disabled")

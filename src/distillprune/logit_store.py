@@ -15,6 +15,7 @@ as ``*.damaged`` and its rows are rebuilt; every readable shard is kept.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -61,13 +62,18 @@ class TopK:
         """Student and teacher log-probabilities over k + 1 buckets (the k ids, then every other token), from the
         student's temperature-scaled logits ``[N, V]``; both ``[N, k + 1]``. With k = V the tail is empty and
         any divergence of the buckets is the divergence of the full distributions."""
-        ids = self.ids.long()
+        pad = self.ids < 0  # [N, k]: no token (a served teacher named fewer than k that this vocabulary has)
+        ids = self.ids.clamp_min(0).long()
         log_z = torch.logsumexp(student, dim=-1, keepdim=True)  # [N, 1]
-        top = student.gather(1, ids) - log_z  # [N, k]
-        rest = student.scatter(1, ids, _FAR).logsumexp(dim=-1, keepdim=True) - log_z  # [N, 1]
+        top = (student.gather(1, ids) - log_z).masked_fill(pad, FLOOR)  # [N, k]; an empty bucket for both sides
+        if pad.any():  # only the named ids leave the rest (a padded slot's stand-in id 0 may be a rest token)
+            named = torch.zeros_like(student).scatter_add_(1, ids, (~pad).to(student.dtype)) > 0  # [N, V]
+            rest = student.masked_fill(named, _FAR).logsumexp(dim=-1, keepdim=True) - log_z  # [N, 1]
+        else:
+            rest = student.scatter(1, ids, _FAR).logsumexp(dim=-1, keepdim=True) - log_z  # [N, 1]
         log_q = torch.cat([top, rest], dim=-1).clamp_min(FLOOR)
         # the stored values are rounded (float16): renormalised over the buckets, they are a distribution again
-        log_p = torch.cat([self.logprobs.float(), self.tail.float()[:, None]], dim=-1)
+        log_p = torch.cat([self.logprobs.float().masked_fill(pad, FLOOR), self.tail.float()[:, None]], dim=-1)
         return log_q, F.log_softmax(log_p, dim=-1).clamp_min(FLOOR)
 
 
@@ -125,10 +131,8 @@ class LogitStore:
                 rows = self._rows_of(shard)
             except Exception as err:  # noqa: BLE001 - any failure to read a shard whole means it is damaged
                 aside = shard.with_name(shard.name + ".damaged")
-                try:
+                with contextlib.suppress(FileNotFoundError):  # another rank, opening the store too, moved it first
                     os.replace(shard, aside)
-                except FileNotFoundError:  # another rank, opening the store too, moved it first
-                    pass
                 log.warning("teacher store: %s is damaged (%s); moved to %s, its rows are rebuilt", shard, err, aside)
                 continue
             for position, row in enumerate(rows):
@@ -242,44 +246,57 @@ def rows_for_steps(n: int, seed: int, rows_per_step: int, max_steps: int, world:
     return sorted(order[:wanted])
 
 
-@torch.no_grad()
+class LocalTeacher:
+    """Top-k targets from a teacher model in this process: one forward pass per batch of rows."""
+
+    def __init__(
+        self, model: torch.nn.Module, k: int, pad_id: int, temperature: float = 1.0, vocab_size: int | None = None
+    ) -> None:
+        self.model, self.k, self.pad_id, self.temperature, self.vocab_size = model, k, pad_id, temperature, vocab_size
+
+    @torch.no_grad()
+    def __call__(self, rows: list[dict[str, Any]]) -> list[TopK]:
+        from distillprune.data import collate
+        from distillprune.losses import IGNORE_INDEX
+
+        device = next(self.model.parameters()).device
+        self.model.eval()
+        batch = collate(rows, self.pad_id)
+        logits = self.model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits[:, :-1]  # [B, T-1, V]
+        keep = batch["labels"][:, 1:].to(device) != IGNORE_INDEX  # [B, T-1]
+        out = []
+        for b in range(len(rows)):
+            sel = logits[b][keep[b]]  # [n, V]
+            sel = sel[:, : self.vocab_size] if self.vocab_size is not None else sel
+            out.append(top_k(sel, self.k, self.temperature).to("cpu"))
+        return out
+
+
 def build(
     store: LogitStore,
-    teacher: torch.nn.Module,
+    source: Any,
     dataset: Any,
     rows: list[int],
-    pad_id: int,
-    temperature: float = 1.0,
-    vocab_size: int | None = None,
     batch_size: int = 8,
     shard_rows: int = 256,
 ) -> dict[str, float]:
-    """Run the teacher over the dataset rows that ``store`` is missing (this rank's share of them) and write their
-    top-k targets, ``shard_rows`` rows per shard; returns rows written and seconds."""
+    """Write the top-k targets of the dataset rows that ``store`` is missing (this rank's share of them), from
+    ``source`` (a ``LocalTeacher`` or ``served.ServedTeacher``: rows in, one ``TopK`` per row out),
+    ``shard_rows`` rows per shard; returns rows written and seconds."""
     import time
 
-    from distillprune.data import collate
-    from distillprune.losses import IGNORE_INDEX
     from distillprune.ranks import shard
 
     start = time.perf_counter()
     todo = shard(store.missing(rows))
-    device = next(teacher.parameters()).device
-    teacher.eval()
     pending_rows: list[int] = []
     pending: list[TopK] = []
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        batch = collate([dataset[r] for r in chunk], pad_id)
-        logits = teacher(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits[:, :-1]  # [B, T-1, V]
-        keep = batch["labels"][:, 1:].to(device) != IGNORE_INDEX  # [B, T-1]
-        for b, row in enumerate(chunk):
-            sel = logits[b][keep[b]]  # [n, V]
-            sel = sel[:, :vocab_size] if vocab_size is not None else sel
-            pending.append(top_k(sel, store.k, temperature).to("cpu"))
-            pending_rows.append(row)
+        pending += source([dataset[r] for r in chunk])
+        pending_rows += chunk
         last = i + batch_size >= len(todo)
         while pending_rows and (len(pending_rows) >= shard_rows or last):  # whole shards of shard_rows rows
             store.write(pending_rows[:shard_rows], pending[:shard_rows])

@@ -34,6 +34,7 @@ from distillprune.choices import (
     PRUNABLE,
     PRUNE_PARTS,
     SEQ_STAGES,
+    SERVER_APIS,
     STRATEGIES,
     STUDENT_INIT,
     WANDB_MODES,
@@ -140,6 +141,8 @@ RANGES: dict[str, tuple[Check, str]] = {
     "teacher_store.k": COUNT,
     "teacher_store.batch_size": COUNT,
     "teacher_store.shard_rows": COUNT,
+    "teacher_store.server.concurrency": COUNT,
+    "teacher_store.server.timeout_s": POSITIVE,
     "slurm.nodes": COUNT,
     "slurm.gpus_per_node": _int(0),
 }
@@ -155,7 +158,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "prune.importance": IMPORTANCE, "prune.aggregation": AGGREGATIONS, "prune.gqa": GQA_MODES,
         "prune.allocation.method": ALLOCATIONS,
         "depth.importance": DEPTH_IMPORTANCE,
-        "logger.wandb.mode": WANDB_MODES,
+        "logger.wandb.mode": WANDB_MODES, "teacher_store.server.api": SERVER_APIS,
     }  # fmt: skip
 
 
@@ -233,6 +236,13 @@ def _check_teacher_store(cfg: DictConfig) -> None:
         raise UserError("stages is empty: choose from teacher_logits, train")
     if spec.k is not None and spec.get("path") is not None and not (Path(spec.path) / "provenance.json").is_file():
         raise UserError(f"teacher_store.path={spec.path} is not a teacher store (no provenance.json)")
+    if OmegaConf.select(cfg, "teacher_store.server.url", default=None) is not None:
+        if spec.k is None:
+            raise UserError("teacher_store.server.url is set but teacher_store.k is null: set the top-k to ask for "
+                            "(e.g. teacher_store.k=64)")  # fmt: skip
+        if float(OmegaConf.select(cfg, "loss.temperature", default=1.0)) != 1.0:
+            raise UserError("a served teacher returns log-probs at temperature 1: set loss.temperature=1, or build "
+                            "the store from the local teacher (teacher_store.server.url=null)")  # fmt: skip
     if spec.k is not None and (OmegaConf.select(cfg, "system.lmbda", default=0) or 0) > 0:
         raise UserError("system.lmbda > 0 samples from the student on-policy, which a store built beforehand cannot "
                         "score: set teacher_store.k=null")  # fmt: skip

@@ -15,9 +15,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillprune.errors import UserError
 from distillprune.generate import fingerprint
-from distillprune.logit_store import FORMAT, LogitStore, build, fingerprint_rows, rows_for_steps
+from distillprune.logit_store import FORMAT, LocalTeacher, LogitStore, build, fingerprint_rows, rows_for_steps
 from distillprune.models import load_config, load_model, load_tokenizer
 from distillprune.ranks import barrier, rank_and_world
+from distillprune.served import ServedTeacher
 
 log = logging.getLogger(__name__)
 _CONFIG_NOISE = ("dtype", "torch_dtype", "attn_implementation", "transformers_version", "architectures")
@@ -30,10 +31,12 @@ def offline_teacher(
     and hand it to ``data``; returns the store, the vocabulary the loss compares and the store's metrics."""
     spec, stages = cfg.teacher_store, list(cfg.stages)
     vocab, teacher_rows = _vocab(cfg, tokenizer, student)
+    server = _server(spec, min(int(spec.k), vocab or teacher_rows), tokenizer, vocab or teacher_rows)
     provenance = {
         "format": FORMAT,
         "teacher": str(cfg.teacher.name),
         "teacher_dtype": str(cfg.teacher.dtype),  # the setting: a GPU-built store serves a CPU run of it too
+        "source": "local" if server is None else f"served {server.model} ({server.api})",
         "teacher_config": fingerprint(_config_key(cfg)),
         "tokenizer": fingerprint(sorted(tokenizer.get_vocab().items())),
         "data": fingerprint_rows(data.train_set.with_format(None)),
@@ -54,12 +57,13 @@ def offline_teacher(
                         "run trains on; add teacher_logits to stages to build the rest")  # fmt: skip
     if missing:
         start = time.perf_counter()
-        teacher = load_model(**cfg.teacher, device=device, role="teacher")
-        log.info("teacher store: building %d rows (k=%d) in %s", len(missing), store.k, store.dir)
-        built = build(store, teacher, data.train_set.with_format(None), missing, tokenizer.pad_token_id,
-                      temperature=provenance["temperature"], vocab_size=vocab, batch_size=int(spec.batch_size),
-                      shard_rows=int(spec.shard_rows))  # fmt: skip
-        del teacher
+        source = server or LocalTeacher(load_model(**cfg.teacher, device=device, role="teacher"), store.k,
+                                        tokenizer.pad_token_id, provenance["temperature"], vocab)  # fmt: skip
+        log.info("teacher store: building %d rows (k=%d) from the %s teacher in %s", len(missing), store.k,
+                 provenance["source"], store.dir)  # fmt: skip
+        built = build(store, source, data.train_set.with_format(None), missing, int(spec.batch_size),
+                      int(spec.shard_rows))  # fmt: skip
+        del source
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -68,6 +72,10 @@ def offline_teacher(
         if still := store.missing(rows):
             raise UserError(f"teacher store {store.dir}: {len(still)} rows are still missing after the build")
         metrics.update(rows_built=len(missing), build_s=round(time.perf_counter() - start, 1))
+        if server is not None:  # re-tokenised context (llama_cpp_python) or a dropped first position
+            metrics["positions_without_teacher"] = server.positions_without
+            log.info("teacher store: %d target positions got no distribution from the server (this rank)",
+                     server.positions_without)  # fmt: skip
         log.info("teacher store: this rank built %d rows in %.1f s", built["rows_built"], built["build_s"])
     positions = store.positions()
     metrics.update(
@@ -79,6 +87,14 @@ def offline_teacher(
         (store.dir / "last_use.json").write_text(json.dumps(metrics, indent=2))
     data.teacher_store = store
     return store, vocab, metrics
+
+
+def _server(spec: DictConfig, k: int, tokenizer: PreTrainedTokenizerBase, vocab: int) -> ServedTeacher | None:
+    server = spec.get("server")
+    if server is None or server.url is None:
+        return None
+    return ServedTeacher(str(server.url), server.model, str(server.api), k, tokenizer, vocab,
+                         int(server.concurrency), float(server.timeout_s))  # fmt: skip
 
 
 def _vocab(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel) -> tuple[int | None, int]:
