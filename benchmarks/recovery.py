@@ -56,7 +56,7 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
     "KD, general, 64 cal., sensitivity, reverse KL": (
         "prune_distill",
         [*CAL64, "prune.allocation.method=sensitivity", "loss._target_=distillprune.losses.ReverseKL"],
-        "KD, general, 64 cal.",
+        None,  # another recovery loss: its own control
     ),  # fmt: skip
     "KD, general, 64 cal., sensitivity, 2 rounds": (
         "prune_distill",

@@ -137,15 +137,20 @@ class ServedTeacher:
 
     def _token_texts(self) -> list[str]:
         """Every id's text as llama.cpp's detokeniser gives it (bytes that are not whole UTF-8 characters
-        dropped); texts that several ids share name none of them."""
-        if self._texts is None:
-            texts = [self.tokenizer.decode([i]).replace("\ufffd", "") for i in range(len(self.tokenizer))]
-            seen: dict[str, int] = {}
-            for i, text in enumerate(texts):
-                seen[text] = -1 if text in seen else i
-            self._ids = {t: i for t, i in seen.items() if i >= 0}
-            self._texts = texts
-        return self._texts
+        dropped, special tokens empty); texts that several ids share name none of them."""
+        with self._lock:  # the first rows ask at once
+            if self._texts is None:
+                special = set(self.tokenizer.all_special_ids)
+                texts = [
+                    "" if i in special else self.tokenizer.decode([i]).replace("\ufffd", "")
+                    for i in range(len(self.tokenizer))
+                ]
+                seen: dict[str, int] = {}
+                for i, text in enumerate(texts):
+                    seen[text] = -1 if text in seen else i
+                self._ids = {t: i for t, i in seen.items() if i >= 0}
+                self._texts = texts
+            return self._texts
 
     def _by_text(self, top: dict[str, float]) -> dict[int, float]:
         return {self._ids[t]: float(v) for t, v in top.items() if t in self._ids}
