@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,7 +276,7 @@ class LocalTeacher:
 
 def build(
     store: LogitStore,
-    source: Any,
+    source: Callable[[list[dict[str, Any]]], list[TopK]],
     dataset: Any,
     rows: list[int],
     batch_size: int = 8,

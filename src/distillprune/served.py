@@ -8,9 +8,11 @@ Two request shapes are spoken (``teacher_store.server.api``):
   ``prompt_logprobs: k`` returns for every prompt token after the first the k most likely tokens, keyed by id.
 - ``llama_cpp_python`` (its server, ``python -m llama_cpp.server --model F.gguf --logits_all true``, the OpenAI
   legacy ``echo`` + ``logprobs``): the row's text is the prompt, and every prompt token's top-k comes back keyed
-  by token text. The server's tokens must be the row's own (checked, row by row); a text that names no single
-  token of this vocabulary, or several, stays in the tail. Without a BOS token its server pairs each token's
-  log-probs with the next position and drops the first: that position gets no teacher term.
+  by token text. The server's tokens are compared with the row's: from the first that differs (re-tokenising a
+  row cut from a longer text can merge tokens) the positions get no teacher term, and a server whose first token
+  differs is refused; a text that names no single token of this vocabulary, or several, stays in the tail. Its
+  server pairs each token's log-probs with the next position and drops the first (without a BOS token, the only
+  case accepted): that position gets no teacher term either.
 
 Servers return log-probabilities at temperature 1, so a store built from one needs ``loss.temperature: 1``.
 """
