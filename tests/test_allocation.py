@@ -17,6 +17,7 @@ from conftest import make_tiny_model, prune_overrides, run_train
 from distillprune.errors import UserError
 from distillprune.prune import apply, layer_widths, plan, score, select
 from distillprune.prune.allocation import allocate, calibration_loss, layer_sensitivity
+from distillprune.prune.surgery import cap_shares
 
 IDS = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(1))
 LAYERS = list(range(6))
@@ -61,6 +62,43 @@ def test_spread_allocation_sums_to_the_ratio_with_gqa_valid_heads(deep, gqa: str
     # the uniform plan is what no shares give
     even = plan(deep, ratio, LAYERS, gqa, shares=dict.fromkeys(LAYERS, 1.0))
     assert plan(deep, ratio, LAYERS, gqa).channels == even.channels
+
+
+def test_capped_shares_average_one_keep_their_order_and_pass_the_excess_on() -> None:
+    shares = allocate({0: 0.9, 1: 0.5, 2: 0.05, 3: 0.2, 4: 0.0, 5: 0.7}, spread=0.5)
+    assert cap_shares(shares, 2.0) == shares  # nothing over the cap: unchanged
+    capped = cap_shares(shares, 1.2)
+    assert sum(capped.values()) == pytest.approx(6.0) and max(capped.values()) == pytest.approx(1.2)
+    # 4 and 2 (1.5, 1.3) are over the cap; passing their excess on lifts 3 (1.1) over it too
+    assert capped[4] == capped[2] == capped[3] == pytest.approx(1.2)
+    free = [0, 5, 1]  # the rest scale up by one factor: the excess in proportion to their shares
+    factors = {i: capped[i] / shares[i] for i in free}
+    assert len({round(f, 9) for f in factors.values()}) == 1 and factors[0] > 1
+    assert [capped[i] for i in sorted(capped, key=lambda i: shares[i])] == sorted(capped.values())
+    assert cap_shares(shares, 1.0) == pytest.approx(dict.fromkeys(shares, 1.0))  # a cap of 1 is uniform
+
+
+@pytest.mark.parametrize("gqa", ["q_per_group", "kv_groups"])
+def test_a_share_no_layer_can_give_is_capped_and_the_ratio_still_met(deep, gqa: str) -> None:
+    """Two pruned layers of six at a ratio that asks each for most of its parameters: uniform can, 1.5x cannot."""
+    model = copy.deepcopy(deep)
+    total = sum(p.numel() for p in model.parameters())
+    layers, ratio = [1, 4], 0.2
+    uniform = plan(model, ratio, layers, gqa)
+    assert uniform.removed_params == pytest.approx(ratio * total, rel=0.02)
+    shares = allocate({1: 0.0, 4: 1.0}, spread=0.5)  # layer 1 least sensitive: asked for 1.5x
+    the_plan = plan(model, ratio, layers, gqa, shares=shares)
+    assert the_plan.shares[1] < 1.5 and the_plan.shares[1] + the_plan.shares[4] == pytest.approx(2.0)
+    assert the_plan.shares[1] > the_plan.shares[4]  # still spread the sensitivity's way
+    assert the_plan.removed_params == pytest.approx(ratio * total, rel=0.02)
+    assert the_plan.channels[1] < uniform.channels[1] or the_plan.heads[1] < uniform.heads[1]
+    scores, _ = score(model, [{"input_ids": IDS}], "l2", layers)
+    apply(model, select(scores, the_plan, layer_widths(model), gqa, uniform=True))
+    assert total - sum(p.numel() for p in model.parameters()) == the_plan.removed_params
+    for w in layer_widths(model):
+        assert w.kv_heads >= 1 and w.heads % w.kv_heads == 0 and w.intermediate >= 1
+    with pytest.raises(UserError, match=r"cannot be met on layer \d \(share 1\.00\)"):  # uniform cannot either
+        plan(deep, 0.3, layers, gqa, shares=shares)
 
 
 def test_sensitivity_is_the_loss_of_pruning_that_layer_alone(deep) -> None:

@@ -196,8 +196,11 @@ def test_prune_recipe_end_to_end(
     assert abs(metrics["params"]["removed_fraction"] - 0.2) < 0.01  # prune.ratio=0.2 of all parameters
     assert set(metrics["val_ppl"]) == {"dense", "pruned", "recovered"}
     assert set(metrics["tokens_per_s"]) == {"dense", "pruned"} and metrics["peak_mem_mb"] > 0
-    heads = [w["heads"] for w in metrics["widths"]]
-    assert heads[0] == heads[3] == 4 and heads[1] == heads[2] < 4  # layers 1 and 2 pruned, 0 and 3 kept
+    heads, channels = [w["heads"] for w in metrics["widths"]], [w["intermediate"] for w in metrics["widths"]]
+    assert heads[0] == heads[3] == 4 and channels[0] == channels[3]  # layers 1 and 2 pruned, 0 and 3 kept
+    assert min(heads[1:3]) < 4 and max(channels[1:3]) < channels[0]
+    shares = metrics["layer_shares"]  # the default sensitivity allocation, capped where a layer cannot give 1.5x
+    assert sorted(shares) == ["1", "2"] and sum(shares.values()) == pytest.approx(2.0, abs=1e-3)
     final = AutoModelForCausalLM.from_pretrained(out / "final").eval()  # registered per-layer type
     assert type(final).__name__.startswith("Distillprune")
     assert not any("lora" in name for name, _ in final.named_parameters())  # adapters merged away

@@ -5,7 +5,8 @@ layer scores).
 calibration loss: removed heads and channels are zeroed where they enter the residual stream (their ``o_proj``
 and ``down_proj`` columns), which is exactly their removal, then put back, so no copy of the model is made.
 ``allocate`` ranks the layers and gives the least sensitive ones the largest share of the ratio; ``surgery.plan``
-turns the shares into GQA-valid widths that still remove the whole ratio.
+turns the shares into GQA-valid widths that still remove the whole ratio, capping a share no layer can give (a
+model with few pruned layers at a high ratio) and passing the rest to the other layers.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def layer_sensitivity(
         gone_heads = sorted(set(range(widths[i].heads)) - set(keep[i]["heads"]))
         gone = {
             "o": torch.tensor([h * hd + j for h in gone_heads for j in range(hd)], dtype=torch.long),
-            "down": torch.tensor(sorted(set(range(widths[i].intermediate)) - set(keep[i]["channels"]))),
+            "down": torch.tensor(
+                sorted(set(range(widths[i].intermediate)) - set(keep[i]["channels"])), dtype=torch.long
+            ),
         }
         saved = {name: p[name].linear.weight[:, idx].clone() for name, idx in gone.items()}
         try:

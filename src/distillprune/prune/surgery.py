@@ -44,6 +44,7 @@ class Plan:
     heads: dict[int, int]
     channels: dict[int, int] = field(default_factory=dict)
     removed_params: int = 0
+    shares: dict[int, float] = field(default_factory=dict)  # each layer's share of the mean layer's part
 
 
 def plan(
@@ -57,7 +58,8 @@ def plan(
 ) -> Plan:
     """Head and channel counts that remove about ``ratio`` of all parameters from ``layers``, taking from the
     ``parts`` named (``heads``, ``channels`` or both); with ``shares`` (averaging 1: ``allocation.allocate``),
-    layer i gives ``shares[i]`` times the mean layer's part. A one-line error when that cannot be done (GQA
+    layer i gives ``shares[i]`` times the mean layer's part, a share no layer can give capped at what it can
+    and the rest passed to the others (``cap_shares``). A one-line error when that cannot be done (GQA
     divisibility, too few heads or channels)."""
     if gqa not in GQA_MODES:
         raise UserError(f"prune.gqa '{gqa}' is unknown; choose {', '.join(GQA_MODES)}")
@@ -79,9 +81,10 @@ def plan(
     prunable = (attention if "heads" in parts else 0) + (mlp if "channels" in parts else 0)  # per layer
     group = first.heads // first.kv_heads
     fits = lambda n: not family_of(model).heads_divide_hidden or hidden % n == 0  # noqa: E731
-    out = Plan(layers, {}, {})
-    for i in layers:
-        budget = target / len(layers) * (shares[i] if shares else 1.0)  # parameters this layer gives
+
+    def layer_plan(budget: float) -> tuple[int, int, int, int] | None:
+        """(KV heads, heads, channels, parameters removed) of a layer that gives ``budget`` parameters; None
+        when it cannot."""
         fraction = budget / prunable
         kv, heads = first.kv_heads, first.heads
         if "heads" in parts and effective_mode(gqa, first) == "kv_groups":
@@ -95,16 +98,49 @@ def plan(
             keep = first.intermediate - max(0.0, budget - removed) / per_channel
             keep = round_to * math.floor(keep / round_to + 0.5) if round_to > 1 else round(keep)
         if keep < max(1, round_to) or fraction >= 1 or (ratio > 0 and removed == 0 and "channels" not in parts):
-            where = f"layers {layers[0]}..{layers[-1]}" if not shares else f"layer {i} (share {shares[i]:.2f})"
-            raise UserError(
-                f"prune.ratio={ratio} cannot be met on {where} from {'+'.join(parts)} "
-                f"({first.heads} heads, {first.kv_heads} KV heads, {first.intermediate} channels per layer); "
-                "prune more layers or parts, or a smaller ratio" + (" or spread" if shares else "")
-            )
+            return None
         keep = min(keep, first.intermediate)
+        return kv, heads, keep, removed + (first.intermediate - keep) * per_channel
+
+    mean = target / len(layers)  # parameters the mean layer gives
+    most = math.inf  # the largest share one layer may give: lowered until every layer's share can be met
+    while True:
+        given = cap_shares(shares, most) if shares else dict.fromkeys(layers, 1.0)
+        rows = {i: layer_plan(mean * given[i]) for i in layers}
+        bad = [i for i in layers if rows[i] is None]
+        if not bad:
+            break
+        if shares and most > 1.0 and any(given[i] > 1.0 for i in bad):
+            most = max(1.0, min(given[i] for i in bad if given[i] > 1.0) * 0.99)
+            continue
+        i = bad[0]
+        where = f"layers {layers[0]}..{layers[-1]}" if not shares else f"layer {i} (share {given[i]:.2f})"
+        raise UserError(
+            f"prune.ratio={ratio} cannot be met on {where} from {'+'.join(parts)} "
+            f"({first.heads} heads, {first.kv_heads} KV heads, {first.intermediate} channels per layer); "
+            "prune more layers or parts, or a smaller ratio" + (" or spread" if shares else "")
+        )
+    out = Plan(layers, {}, {}, shares=given)
+    for i, (kv, heads, keep, removed) in rows.items():  # every row planned
         out.kv_heads[i], out.heads[i], out.channels[i] = kv, heads, keep
-        out.removed_params += removed + (first.intermediate - keep) * per_channel
+        out.removed_params += removed
     return out
+
+
+def cap_shares(shares: dict[int, float], most: float) -> dict[int, float]:
+    """``shares`` (averaging 1) with none above ``most`` (>= 1): the layers over it give ``most`` and their
+    excess goes to the others in proportion to their shares (water-filling), so the shares still average 1 and
+    keep their order."""
+    if max(shares.values()) <= most:
+        return dict(shares)
+    order = sorted(shares, key=lambda i: -shares[i])  # largest first
+    n = len(order)
+    for k in range(1, n + 1):  # the k largest are capped; the rest scale up to carry the excess
+        rest = sum(shares[i] for i in order[k:])
+        scale = (n - k * most) / rest if rest > 0 else 0.0
+        if k == n or shares[order[k]] * scale <= most + 1e-12:
+            return {i: most if j < k else shares[i] * scale for j, i in enumerate(order)}
+    raise AssertionError("unreachable")
 
 
 def select(

@@ -213,16 +213,17 @@ class Width(Pruner):
         if not self.plans:  # the dense model: plan every round's widths on it
             shares = None
             allocation = p.get("allocation") or {"method": "uniform"}
-            if allocation["method"] == "sensitivity":
+            if allocation["method"] == "sensitivity" and p.ratio > 0:  # ratio 0 removes nothing to spread
                 sensitivity = layer_sensitivity(run.model, batches, scores, run.checked, p.gqa)
                 shares = allocate(sensitivity, float(allocation["spread"]))
                 out["layer_sensitivity"] = {str(i): round(v, 5) for i, v in sensitivity.items()}
-                out["layer_shares"] = {str(i): round(v, 4) for i, v in shares.items()}
             n = self.rounds(cfg)
             self.plans = [plan(run.model, p.ratio * (k + 1) / n, run.layers, p.gqa, p.round_to, tuple(p.parts), shares)
                           for k in range(n)]  # fmt: skip
+            if shares:  # what the full ratio's plan gives, after capping the shares no layer can give
+                out["layer_shares"] = {str(i): round(v, 4) for i, v in self.plans[-1].shares.items()}
             if p.sweep:
-                out["sweep"] = sweep(cfg, dense, scores, run)
+                out["sweep"] = sweep(cfg, dense, scores, run, shares)
         the_plan = self.plans[self.done]
         self.done += 1
         apply(run.model, select(scores, the_plan, layer_widths(run.model), p.gqa, p.uniform, p.round_to))
@@ -258,15 +259,18 @@ class MergeKV(Pruner):
         return {}
 
 
-def sweep(cfg: DictConfig, dense: PreTrainedModel, scores: Any, run: _Run) -> list[dict[str, float]]:
-    """Prune copies of the dense model to each ratio of ``prune.sweep`` with the scores already computed (no
-    recovery); the validation perplexity and batch-1 generation speed of each, the dense model as ratio 0."""
+def sweep(
+    cfg: DictConfig, dense: PreTrainedModel, scores: Any, run: _Run, shares: dict[int, float] | None
+) -> list[dict[str, float]]:
+    """Prune copies of the dense model to each ratio of ``prune.sweep`` with the scores and layer shares already
+    computed (no recovery); the validation perplexity and batch-1 generation speed of each, the dense model as
+    ratio 0."""
     p = cfg.prune
     rows = [{"ratio": 0.0, "params": count_params(dense), "removed_fraction": 0.0,
              "ppl": run.metrics["val_ppl"]["dense"], "tokens_per_s": run.metrics["tokens_per_s"]["dense"]}]  # fmt: skip
     for ratio in sorted(float(r) for r in p.sweep):
         model = copy.deepcopy(dense)
-        checked = plan(model, ratio, run.layers, p.gqa, p.round_to, tuple(p.parts))
+        checked = plan(model, ratio, run.layers, p.gqa, p.round_to, tuple(p.parts), shares)
         apply(model, select(scores, checked, layer_widths(model), p.gqa, p.uniform, p.round_to))
         rows.append({
             "ratio": ratio,
