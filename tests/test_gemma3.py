@@ -25,6 +25,7 @@ def test_gemma3_alias_prunes_recovers_with_kd_and_reloads(tmp_path: Path) -> Non
     out = tmp_path / "gemma"
     run_train(
         "recipe=prune_distill", "model.name=gemma3-270m", "prune.layers=all", "prune.ratio=0.1",
+        "prune.allocation.method=uniform",  # equal widths in every layer: the stock config
         "prune.calibration.samples=4", "prune.calibration.seq_len=64", "data.seq_len=64", "data.batch_size=2",
         "data.val_batches=2", "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3",
         "system.lr=3e-4", "trainer.enable_progress_bar=false", "logger.wandb.mode=disabled",

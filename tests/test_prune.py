@@ -214,6 +214,23 @@ def test_prune_recipe_end_to_end(
     assert (out / "report" / "layer_widths.png").is_file() and "| recovered |" in (out / "report.md").read_text()
 
 
+@pytest.mark.parametrize("ranked", [False, True])
+def test_uniform_allocation_plans_every_layer_alike_and_ranks_channels_when_asked(
+    ranked: bool, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    """The branch the default (sensitivity) does not take: uniform widths, or channels ranked across layers."""
+    out = tmp_path / "run"
+    extra = ["prune.allocation.method=uniform", f"prune.uniform={str(not ranked).lower()}", "trainer.max_steps=0"]
+    run_train("recipe=prune_lora", *prune_overrides(tiny_model_dir, tiny_text_file, out), *extra)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "layer_shares" not in metrics and "layer_sensitivity" not in metrics  # no sensitivity pass
+    assert abs(metrics["params"]["removed_fraction"] - 0.2) < 0.01
+    widths = metrics["widths"]
+    assert widths[1]["heads"] == widths[2]["heads"] < widths[0]["heads"]  # heads are planned alike either way
+    channels = [w["intermediate"] for w in widths[1:3]]
+    assert (channels[0] != channels[1]) if ranked else (channels[0] == channels[1])
+
+
 @pytest.mark.parametrize("recipe", ["prune_lora", "prune_distill"])
 def test_the_dense_control_is_the_dense_model_through_the_same_recovery(
     recipe: str, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path

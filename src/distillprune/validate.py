@@ -259,7 +259,8 @@ def _check_rounds_and_allocation(cfg: DictConfig) -> None:
     method = OmegaConf.select(cfg, "prune.allocation.method", default="uniform")
     if method != "uniform" and OmegaConf.select(cfg, "prune.uniform", default=True) is False:
         raise UserError(f"prune.uniform=false ranks channels across layers and prune.allocation.method={method} "
-                        "spreads the ratio by sensitivity: choose one of the two")  # fmt: skip
+                        "spreads the ratio by sensitivity: choose one of the two (with "
+                        "prune.allocation.method=uniform, channels are ranked across layers)")  # fmt: skip
 
 
 def check_files(cfg: DictConfig) -> None:
