@@ -101,6 +101,20 @@ def test_a_share_no_layer_can_give_is_capped_and_the_ratio_still_met(deep, gqa: 
         plan(deep, 0.3, layers, gqa, shares=shares)
 
 
+def test_heads_only_spread_may_leave_the_most_sensitive_layers_whole(deep) -> None:
+    """Head pruning alone: whole query heads per layer, so a small share rounds to none; the spread still plans."""
+    total, c = sum(p.numel() for p in deep.parameters()), deep.config
+    hd = c.hidden_size // c.num_attention_heads
+    attention = 2 * hd * c.hidden_size * (c.num_attention_heads + c.num_key_value_heads)  # per layer
+    ratio = 0.3 * len(LAYERS) * attention / total  # 30% of each layer's attention: one query head per group
+    uniform = plan(deep, ratio, LAYERS, "q_per_group", parts=("heads",))
+    shares = allocate({i: float(i) for i in LAYERS}, spread=0.9)  # layer 5 most sensitive
+    spread = plan(deep, ratio, LAYERS, "q_per_group", parts=("heads",), shares=shares)
+    assert spread.heads[5] == deep.config.num_attention_heads > spread.heads[0]  # layer 5 kept whole
+    assert set(uniform.heads.values()) == {uniform.heads[0]} and len(set(spread.heads.values())) > 1
+    assert abs(spread.removed_params - uniform.removed_params) <= 0.35 * uniform.removed_params
+
+
 def test_sensitivity_is_the_loss_of_pruning_that_layer_alone(deep) -> None:
     model = copy.deepcopy(deep)
     batches = [{"input_ids": IDS[:2]}, {"input_ids": IDS[2:]}]

@@ -97,19 +97,29 @@ def plan(
         if "channels" in parts:
             keep = first.intermediate - max(0.0, budget - removed) / per_channel
             keep = round_to * math.floor(keep / round_to + 0.5) if round_to > 1 else round(keep)
-        if keep < max(1, round_to) or fraction >= 1 or (ratio > 0 and removed == 0 and "channels" not in parts):
+        nothing = ratio > 0 and removed == 0 and "channels" not in parts and not shares  # a spread may give 0
+        if keep < max(1, round_to) or fraction >= 1 or nothing:
             return None
         keep = min(keep, first.intermediate)
         return kv, heads, keep, removed + (first.intermediate - keep) * per_channel
 
     mean = target / len(layers)  # parameters the mean layer gives
+    # heads only: whole heads cannot always carry a spread's budgets; it may miss the target by one head step
+    # (a query head from every group, or a whole group) more than the uniform widths do
+    kv_groups = effective_mode(gqa, first) == "kv_groups"
+    step = group * per_head + per_kv if kv_groups else first.kv_heads * per_head
+    uniform_miss = abs(len(layers) * ((layer_plan(mean) or (0, 0, 0, 0))[3]) - target)
     most = math.inf  # the largest share one layer may give: lowered until every layer's share can be met
     while True:
         given = cap_shares(shares, most) if shares else dict.fromkeys(layers, 1.0)
         rows = {i: layer_plan(mean * given[i]) for i in layers}
         bad = [i for i in layers if rows[i] is None]
-        if not bad:
+        missed = not bad and abs(sum(r[3] for r in rows.values()) - target) > uniform_miss + step
+        if missed and "channels" not in parts and shares:
+            bad = [max(layers, key=lambda i: given[i])]  # the largest shares ask for more than heads give
+        if not bad and (ratio == 0 or any(r[3] for r in rows.values())):
             break
+        bad = bad or layers[:1]  # heads only, and the spread removes no head anywhere
         if shares and most > 1.0 and any(given[i] > 1.0 for i in bad):
             most = max(1.0, min(given[i] for i in bad if given[i] > 1.0) * 0.99)
             continue
