@@ -81,13 +81,14 @@ def plan(
     prunable = (attention if "heads" in parts else 0) + (mlp if "channels" in parts else 0)  # per layer
     group = first.heads // first.kv_heads
     fits = lambda n: not family_of(model).heads_divide_hidden or hidden % n == 0  # noqa: E731
+    kv_groups = effective_mode(gqa, first) == "kv_groups"
 
     def layer_plan(budget: float) -> tuple[int, int, int, int] | None:
         """(KV heads, heads, channels, parameters removed) of a layer that gives ``budget`` parameters; None
         when it cannot."""
         fraction = budget / prunable
         kv, heads = first.kv_heads, first.heads
-        if "heads" in parts and effective_mode(gqa, first) == "kv_groups":
+        if "heads" in parts and kv_groups:
             kv = _nearest(first.kv_heads - fraction * first.kv_heads, first.kv_heads, lambda n: fits(n * group))
             heads = kv * group
         elif "heads" in parts:
@@ -105,8 +106,7 @@ def plan(
 
     mean = target / len(layers)  # parameters the mean layer gives
     # heads only: whole heads cannot always carry a spread's budgets; it may miss the target by one head step
-    # (a query head from every group, or a whole group) more than the uniform widths do
-    kv_groups = effective_mode(gqa, first) == "kv_groups"
+    # (a query head from every group, or a whole group) more than the uniform widths do, and remove something
     step = group * per_head + per_kv if kv_groups else first.kv_heads * per_head
     uniform_miss = abs(len(layers) * ((layer_plan(mean) or (0, 0, 0, 0))[3]) - target)
     most = math.inf  # the largest share one layer may give: lowered until every layer's share can be met
@@ -114,12 +114,12 @@ def plan(
         given = cap_shares(shares, most) if shares else dict.fromkeys(layers, 1.0)
         rows = {i: layer_plan(mean * given[i]) for i in layers}
         bad = [i for i in layers if rows[i] is None]
-        missed = not bad and abs(sum(r[3] for r in rows.values()) - target) > uniform_miss + step
-        if missed and "channels" not in parts and shares:
-            bad = [max(layers, key=lambda i: given[i])]  # the largest shares ask for more than heads give
-        if not bad and (ratio == 0 or any(r[3] for r in rows.values())):
+        if not bad and shares and "channels" not in parts:
+            removed = sum(r[3] for r in rows.values())
+            if abs(removed - target) > uniform_miss + step or removed == 0 < ratio:
+                bad = [max(layers, key=lambda i: given[i])]  # the largest shares ask for more than heads give
+        if not bad:
             break
-        bad = bad or layers[:1]  # heads only, and the spread removes no head anywhere
         if shares and most > 1.0 and any(given[i] > 1.0 for i in bad):
             most = max(1.0, min(given[i] for i in bad if given[i] > 1.0) * 0.99)
             continue
