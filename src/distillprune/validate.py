@@ -272,9 +272,13 @@ def check_files(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if not isinstance(value, str):
             continue
-        from distillprune.sources import mixture_parts
+        from distillprune.sources import SELF, mixture_parts
 
         for part, _ in mixture_parts(value) if key.endswith("source") and "+" in value else [(value, 1.0)]:
+            if part == SELF and (key != "data.source" or "self_data" not in cfg):
+                raise UserError(f"{key}={value}: '{SELF}' (the unpruned model's own documents) is a data.source "
+                                "part of the pruning recipes with a self_data section (prune_lora, "
+                                "prune_distill); other sources read text that exists")  # fmt: skip
             if part not in packaged.get(key, PACKAGED_TEXT) and _is_local(part):
                 readable(Path(part).expanduser(), key)
     strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))

@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distillprune import self_data
 from distillprune.config import instantiate
 from distillprune.data import calibration_ids
 from distillprune.distill import frozen
@@ -305,9 +306,11 @@ def _setup(cfg: DictConfig, check: Callable[[PreTrainedModel, list[int]], Any]) 
     layers = _layers(str(cfg.prune.layers), model.config.num_hidden_layers) if "prune" in cfg else []
     checked = check(model, layers)
     tok = load_tokenizer(cfg.model.name)
+    written = self_data.resolve(cfg, model, tok, out) if "self_data" in cfg else {}  # data.source part `self`
     data = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)
     data.setup("fit")
     metrics: dict[str, Any] = {"params": {"dense": count_params(model)}, "val_ppl": {}, "tokens_per_s": {}}
+    metrics |= {"self_data": written} if written else {}
     run = _Run(out, model, layers, checked, tok, data, metrics, start)
     _measure(run, "dense")
     return run
